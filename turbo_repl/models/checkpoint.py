@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turbo_repl.models.dit import WanDiT
+from turbo_repl.models.tiny import deterministic_init
+
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model")
 _MIB = 1 << 20
@@ -238,3 +241,32 @@ def fingerprint(path: str | Path) -> str:
                 fh.seek(max(size - _MIB, _MIB))
                 h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- the DiT
+
+def dit_from_checkpoint(arch: dict, path: str | Path, *, device, dtype: torch.dtype | None,
+                        name: str = "Wan") -> WanDiT:
+    """Build a WanDiT of `arch` on `meta` and load `path` into it strictly, then place it on `device`.
+
+    The checkpoint decides the variant: `proj_l` keys give sparse (SLA) attention modules, `int8_weight` keys
+    8-bit linears. An original Wan Conv3d patch embedding [dim, C, 1, 2, 2] is read as the Linear [dim, C*4].
+    Floating tensors become `dtype` (None keeps the stored dtypes), except int8 scales and norm weights.
+    """
+    sd = read_state_dict(path)
+    pe = sd.get("patch_embedding.weight")
+    if pe is not None and pe.dim() == 5:
+        sd["patch_embedding.weight"] = pe.reshape(pe.shape[0], -1)
+    with torch.device("meta"):
+        model = WanDiT(**arch, sparse_attention=any(k.endswith("proj_l.weight") for k in sd))
+    if any(k.endswith(".int8_weight") for k in sd):
+        from turbo_repl.models.linear import int8_shells
+
+        int8_shells(model)
+    load_into(model, sd, what=f"{name} DiT", path=path)
+    return model.place(device, dtype)
+
+
+def tiny_dit(arch: dict, seed: int, sparse: bool = True) -> WanDiT:
+    """A DiT of `arch` with deterministic random weights (the built-in tiny models; tests)."""
+    return deterministic_init(WanDiT(**arch, sparse_attention=sparse), seed).eval().requires_grad_(False)

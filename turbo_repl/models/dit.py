@@ -1,0 +1,270 @@
+"""The Wan2.1 / Wan2.2 diffusion transformer, computing what TurboDiffusion's `WanModel` computes.
+
+One class serves Wan2.1 text-to-video (16 input channels) and Wan2.2-A14B image-to-video (36 = 16 noisy latent
++ 20 conditioning channels; no CLIP branch). Module and parameter names are the reference's, so its checkpoints
+load without renaming (see checkpoint.py). The network runs in the dtype of its weights:
+
+* float32: everything float32 — the parity mode the fixtures check.
+* bfloat16: TurboDiffusion's numerics. The residual stream, the linears and attention are bf16; the time
+  embedding, the time projection, the modulation arithmetic and the head are float32; norms compute in float32
+  and round to bf16; each modulated input is formed in float32 and then rounded; gates are rounded to bf16
+  before they scale a branch. The output velocity is float32.
+
+The linears inside `blocks` are plain `nn.Linear` called as `module(x)`, so an 8-bit module with the same
+call can replace any of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbo_repl.models.attention import AttentionOp
+
+ROPE_THETA = 10000.0
+SINUSOID_BASE = 10000.0
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+class RMSNorm(nn.Module):
+    """q/k norm over the full width, before the head split; float32 inside, weight applied in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 and rounded to the input dtype; affine only for `norm3`."""
+
+    def __init__(self, dim: int, eps: float, affine: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim)) if affine else None
+        self.bias = nn.Parameter(torch.empty(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps).to(x.dtype)
+
+
+def fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear of the float32 regions (time embedding, projection, head), whatever its weights' dtype."""
+    return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: formed in float32 from the (already rounded) norm output, then rounded to its dtype."""
+    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] timesteps (0..1000) -> [B, dim] float32: [cos, sin] of t * 10000^(-i/half), in float64."""
+    half = dim // 2
+    freqs = torch.pow(SINUSOID_BASE, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, 1, head_dim/2] (float32) of the 3-D RoPE over a (T, H, W) patch grid, token order t-h-w.
+
+    The head dim is split into time / height / width parts of d - 4(d//6), 2(d//6), 2(d//6) channels; a part of
+    n channels rotates its pairs at 1 / 10000^(2j/n), by the integer grid position (computed in float32).
+    """
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+
+    def angles(n_pos: int, n_ch: int) -> torch.Tensor:
+        freqs = 1.0 / ROPE_THETA ** (torch.arange(0, n_ch, 2, dtype=torch.float32)[: n_ch // 2] / n_ch)
+        return torch.outer(torch.arange(n_pos, dtype=torch.float32), freqs)
+
+    T, H, W = grid
+    at, ah, aw = angles(T, d_t), angles(H, d_hw), angles(W, d_hw)
+    table = torch.cat([
+        at[:, None, None].expand(T, H, W, -1),
+        ah[None, :, None].expand(T, H, W, -1),
+        aw[None, None, :].expand(T, H, W, -1),
+    ], dim=-1).reshape(T * H * W, 1, head_dim // 2)
+    return table.cos().to(device), table.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] in float32; returns x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, sparse: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attn_op = AttentionOp(self.head_dim, sparse)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x.shape
+        heads = (B, L, self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
+        v = self.v(x).view(heads)
+        return self.o(self.attn_op(q, k, v).reshape(B, L, -1))
+
+
+class CrossAttention(nn.Module):
+    """Dense attention of the video tokens to the text tokens; no RoPE, no mask (padding is attended to)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+class WanBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, sparse: bool):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps, affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps, sparse)
+        self.norm3 = LayerNorm(dim, eps, affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = LayerNorm(dim, eps, affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(self, x, e0, context, rope):
+        """x [B, L, dim]; e0 [B, 6, dim] float32 time projection; context [B, L_text, dim]."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        x = x + self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope) * gate_sa.to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), context)
+        return x + self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)) * gate_ff.to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
+        return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+# --------------------------------------------------------------------------------------------- network
+
+class WanDiT(nn.Module):
+    """Wan DiT; constructor arguments are the reference `WanModel`'s (unused ones are accepted and checked)."""
+
+    def __init__(self, patch_size=(1, 2, 2), in_dim: int = 16, dim: int = 1536, ffn_dim: int = 8960,
+                 freq_dim: int = 256, text_dim: int = 4096, out_dim: int = 16, num_heads: int = 12,
+                 num_layers: int = 30, eps: float = 1e-6, *, sparse_attention: bool = False,
+                 model_type: str | None = None, text_len: int | None = None, qk_norm: bool = True,
+                 cross_attn_norm: bool = True, window_size=(-1, -1)):
+        super().__init__()
+        if not qk_norm or not cross_attn_norm or tuple(window_size) != (-1, -1):
+            raise ValueError("only Wan's configuration is supported: qk_norm and cross_attn_norm on, global "
+                             f"attention (got qk_norm={qk_norm}, cross_attn_norm={cross_attn_norm}, "
+                             f"window_size={window_size})")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of an even size")
+        del model_type, text_len   # the task follows from in_dim; the text length from the context given
+        self.patch_size = tuple(patch_size)
+        self.in_dim, self.dim, self.out_dim, self.freq_dim = in_dim, dim, out_dim, freq_dim
+        self.head_dim = dim // num_heads
+        patch = math.prod(self.patch_size)
+
+        self.patch_embedding = nn.Linear(in_dim * patch, dim)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(dim, ffn_dim, num_heads, eps, sparse_attention)
+                                    for _ in range(num_layers))
+        self.head = Head(dim, out_dim * patch, eps)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # not state: no keys
+
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (*grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(self.head_dim, grid, device)
+        return self._rope_cache[key]
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 16, T, H, W] noisy latent, timesteps [B, 1] or [B] (rectified-flow t × 1000, used as given),
+        context [B, L_text, text_dim], y [B, 20, T, H, W] (image-to-video only) -> velocity [B, 16, T, H, W].
+        """
+        dtype = self.patch_embedding.weight.dtype
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        B, C, T, H, W = x.shape
+        kt, kh, kw = self.patch_size
+        if C != self.in_dim:
+            need = "the 20 conditioning channels y" if C + 20 == self.in_dim else f"{self.in_dim} channels"
+            raise ValueError(f"this DiT takes {self.in_dim} input channels, got {C}: pass {need}")
+        if T % kt or H % kh or W % kw:
+            raise ValueError(f"latent T×H×W {T}×{H}×{W} is not divisible by the patch {self.patch_size}")
+        grid = (T // kt, H // kh, W // kw)
+
+        # patchify: each token is (c, kt, kh, kw) channel-major
+        tokens = (x.to(dtype).view(B, C, grid[0], kt, grid[1], kh, grid[2], kw)
+                  .permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, math.prod(grid), C * kt * kh * kw))
+        h = self.patch_embedding(tokens)
+
+        t = timesteps.reshape(-1).expand(B)
+        e = fp32_linear(self.time_embedding[2],
+                        F.silu(fp32_linear(self.time_embedding[0], timestep_sinusoid(t, self.freq_dim))))
+        e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.dim))
+        ctx = self.text_embedding(context.to(dtype))
+
+        rope = self.rope(grid, h.device)
+        for block in self.blocks:
+            h = block(h, e0, ctx, rope)
+        out = self.head(h, e)   # float32 [B, L, kt*kh*kw*16]
+
+        # unpatchify: each token's output is (kt, kh, kw, c) channel-minor
+        return (out.view(B, *grid, kt, kh, kw, self.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+                .reshape(B, self.out_dim, T, H, W))
+
+    def place(self, device, dtype: torch.dtype | None) -> "WanDiT":
+        """Move to `device` with floating tensors in `dtype` (None: as stored). Norm weights stay float32
+        (norms compute in float32, as TurboDiffusion's fast norms store them), and so do int8 scales."""
+        for module in self.modules():
+            tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for name, t in tensors:
+                new = t.to(device, _placed_dtype(module, name, t, dtype))
+                setattr(module, name, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
+        return self.eval().requires_grad_(False)
+
+
+def _placed_dtype(module: nn.Module, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if not t.is_floating_point() or (name == "scale" and hasattr(module, "int8_weight")):
+        return t.dtype
+    if isinstance(module, (RMSNorm, LayerNorm)):
+        return torch.float32
+    return dtype or t.dtype
