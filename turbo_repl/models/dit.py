@@ -258,6 +258,10 @@ class WanDiT(nn.Module):
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             for name, t in tensors:
                 new = t.to(device, _placed_dtype(module, name, t, dtype))
+                if new.device.type == "cpu" and new.data_ptr() % 64:
+                    # memory-mapped safetensors data is only 8-byte aligned, and CPU GEMMs round differently
+                    # on unaligned operands: copy, so results do not depend on the file format
+                    new = new.clone()
                 setattr(module, name, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
         return self.eval().requires_grad_(False)
 
