@@ -1,0 +1,393 @@
+"""The Wan2.1 video VAE: 4x temporal and 8x spatial compression into 16 latent channels.
+
+State-dict keys are the reference's (`WanVAE_` in Wan `modules/vae.py` and TurboDiffusion
+`rcm/tokenizers/wan2pt1.py`), so `Wan2.1_VAE.pth` loads without renaming.
+
+Video is processed causally in time, a chunk at a time: encode takes frame 0 alone and then chunks of
+`temporal_window` frames, decode takes one latent frame at a time. Every causal convolution keeps the last
+frames of its input between chunks (its `past`), which replace its zero padding in time; this gives the same
+result as the reference's feature-cache list, without the index bookkeeping. The first chunk is special in
+the temporal resamplers, exactly as in the reference:
+  * downsample: the first chunk skips the stride-2 time conv (its frame passes through) and is remembered;
+    later chunks prepend the last remembered frame and apply it;
+  * upsample: the first latent frame skips the time conv (it yields one frame); from the second on, the time
+    conv runs causally over the frames that followed the first, with zeros before them (the reference's "Rep").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-channel statistics of Wan2.1 latents: latent = (mu - mean) / std. Constants of the model, not weights.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+CACHE_T = 2   # frames a causal conv remembers between chunks (its temporal kernel is at most 3)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded in time at the front only. Streams: frames of earlier chunks replace the zero padding."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel, stride=1, padding=0):
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_dim, out_dim, kernel, stride=stride, padding=(0, ph, pw))
+        self.time_pad = 2 * pt
+        self.past: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad:
+            n_past = 0 if self.past is None else self.past.shape[2]
+            parts = [x] if self.past is None else [self.past, x]
+            if n_past < self.time_pad:
+                parts.insert(0, x.new_zeros(x.shape[0], x.shape[1], self.time_pad - n_past, *x.shape[3:]))
+            x = torch.cat(parts, dim=2)
+            # remember the last CACHE_T real frames seen so far (never the zero padding)
+            self.past = x[:, :, -min(CACHE_T, n_past + parts[-1].shape[2]):].clone()
+        return super().forward(x)
+
+    def reset(self) -> None:
+        self.past = None
+
+
+class RMSNorm(nn.Module):
+    """`normalize(x over channels) * sqrt(C) * gamma`; gamma is [C,1,1,1] for video, [C,1,1] for images."""
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.gamma if x.dim() == self.gamma.dim() + 1 else self.gamma.unsqueeze(-1)
+        return F.normalize(x, dim=1) * self.scale * gamma
+
+
+def _frame_conv2d(conv: nn.Conv2d, x: torch.Tensor, stride=1, padding=0) -> torch.Tensor:
+    """Apply a Conv2d to every frame of [B,C,T,H,W] as a (1,k,k) Conv3d: no reshuffling of the video."""
+    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        # indices matter: they are the checkpoint's key names (residual.0/2/3/6)
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame, with a residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        qkv = _frame_conv2d(self.to_qkv, self.norm(x))                      # [b, 3c, t, h, w]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)                          # [bt, 1, hw, c]
+        y = y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        return x + _frame_conv2d(self.proj, y)
+
+
+class Resample(nn.Module):
+    """Spatial x2 up/down sampling per frame, plus (the "3d" modes) a causal x2 in time."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        # `resample.1` is the checkpoint's name of the spatial conv; index 0 is its parameter-free first step
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode.startswith("downsample"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        self.started = False
+        self.last: torch.Tensor | None = None   # downsample3d: the last frame of the previous chunk
+
+    def reset(self) -> None:
+        self.started, self.last = False, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            if self.started:
+                b, c, t, h, w = x.shape
+                y = self.time_conv(x)                                       # [b, 2c, t, h, w]
+                x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            self.started = True
+        if self.mode.startswith("upsample"):
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+            x = _frame_conv2d(self.resample[1], x, padding=1)
+        else:
+            x = _frame_conv2d(self.resample[1], F.pad(x, (0, 1, 0, 1)), stride=2)
+        if self.mode == "downsample3d":
+            if self.started:
+                last = x[:, :, -1:].clone()
+                x = self.time_conv(torch.cat([self.last, x], dim=2))
+                self.last = last
+            else:
+                self.last = x[:, :, -1:].clone()
+            self.started = True
+        return x
+
+
+def _stage_dims(dim: int, dim_mult: Sequence[int]) -> list[int]:
+    return [dim * u for u in [1, *dim_mult]]
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample, dropout):
+        super().__init__()
+        dims = _stage_dims(dim, dim_mult)
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "downsample3d" if temporal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim, dropout), AttentionBlock(out_dim),
+                                    ResidualBlock(out_dim, out_dim, dropout))
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.middle(self.downsamples(self.conv1(x))))
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_upsample, dropout):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0], dropout))
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2   # the previous stage's upsample halved the channels
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part, whose attention sees the whole frame: never tiled."""
+        return self.middle(self.conv1(z))
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsampling to pixels: convolutions only, so it can be tiled."""
+        return self.head(self.upsamples(x))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.trunk(z))
+
+
+def _reset_streams(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (CausalConv3d, Resample)):
+            m.reset()
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE. `encode(video) -> normalised latent`, `decode(latent) -> video`, both in [-1, 1] pixel space.
+
+    Runs in the dtype of its weights (float32 for parity, bf16 as TurboDiffusion runs it) and returns the
+    dtype it was given.
+    """
+
+    def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
+                 num_res_blocks: int = 2, attn_scales: Sequence[float] = (),
+                 temperal_downsample: Sequence[bool] = (False, True, True), dropout: float = 0.0,
+                 temporal_window: int = 4, *, temporal_downsample: Sequence[bool] | None = None):
+        super().__init__()
+        if temporal_downsample is not None:   # our spelling; the reference's is `temperal_downsample`
+            temperal_downsample = temporal_downsample
+        if z_dim != len(LATENT_MEAN):
+            raise ValueError(f"the Wan2.1 VAE has {len(LATENT_MEAN)} latent channels (z_dim), not {z_dim}")
+        self.z_dim = z_dim
+        self.time_stride = 2 ** sum(bool(t) for t in temperal_downsample)
+        self.space_stride = 2 ** (len(dim_mult) - 1)
+        if temporal_window % self.time_stride:
+            raise ValueError(f"temporal_window {temporal_window} must be a multiple of the temporal "
+                             f"compression {self.time_stride}")
+        self.temporal_window = temporal_window
+        self.encoder = Encoder3d(dim, z_dim * 2, dim_mult, num_res_blocks, attn_scales, temperal_downsample, dropout)
+        self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)
+        self.conv2 = CausalConv3d(z_dim, z_dim, 1)
+        self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample[::-1],
+                                 dropout)
+
+    # ------------------------------------------------------------------------------------------ shapes
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(T, H, W) of the latent of a video; raises ValueError for sizes the VAE cannot take."""
+        s, t = self.space_stride, self.time_stride
+        if frames < 1 or (frames - 1) % t:
+            raise ValueError(f"frames must be {t}k+1 (1, {1 + t}, {1 + 2 * t}, …), not {frames}")
+        if height % s or width % s:
+            raise ValueError(f"height and width must be multiples of {s}, not {height}x{width}")
+        return 1 + (frames - 1) // t, height // s, width // s
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made in the compute dtype from the Python constants, as the reference does (1/std in that dtype).
+        shape = (1, self.z_dim, 1, 1, 1)
+        mean = torch.tensor(LATENT_MEAN, dtype=like.dtype, device=like.device).view(shape)
+        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=like.dtype, device=like.device).view(shape)
+        return mean, inv_std
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ encode
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """video [B,3,F,H,W] in [-1,1], F = 4k+1 -> latent [B,16,1+(F-1)/4,H/8,W/8] ((mu-mean)/std, or raw mu)."""
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, F, H, W], not {list(video.shape)}")
+        self.latent_shape(*video.shape[2:])
+        x = video.to(self.dtype)
+        frames, w = x.shape[2], self.temporal_window
+        bounds = [(0, 1)] + [(s, min(s + w, frames)) for s in range(1, frames, w)]
+        _reset_streams(self.encoder)
+        try:
+            out = torch.cat([self.encoder(x[:, :, a:b]) for a, b in bounds], dim=2)
+        finally:
+            _reset_streams(self.encoder)
+        mu = self.conv1(out)[:, : self.z_dim]
+        if normalize:
+            mean, inv_std = self._stats(mu)
+            mu = (mu - mean) * inv_std
+        return mu.to(video.dtype)
+
+    # ------------------------------------------------------------------------------------------ decode
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None,
+               tile: tuple[int, int] | None = None, tile_overlap: int = 8) -> torch.Tensor:
+        """latent [B,16,T,h,w] (normalised) -> video [B,3,1+4(T-1),8h,8w], roughly in [-1,1].
+
+        `on_chunk(done, total)` is called after every decoded latent frame (of every tile); it may raise to
+        cancel, and the VAE stays usable. `tile=(th, tw)` decodes the upsampling stages in spatial tiles of
+        that latent size, overlapping by at least `tile_overlap` latent pixels: far less memory for big
+        frames. The latent-resolution trunk (with its whole-frame attention) is never tiled, so tiles differ
+        from the untiled result only through the convolutions' limited view across the seams: the middle
+        half of each overlap is cross-faded linearly and the quarter nearest each tile edge is not used.
+        `tile=None` (or a tile that covers the latent) is exact.
+        """
+        if latent.dim() != 5 or latent.shape[1] != self.z_dim:
+            raise ValueError(f"latent must be [B, {self.z_dim}, T, H, W], not {list(latent.shape)}")
+        z = latent.to(self.dtype)
+        mean, inv_std = self._stats(z)
+        z = self.conv2(z / inv_std + mean)
+        b, _, t, h, w = z.shape
+        s = self.space_stride
+        rows = _tile_spans(h, tile[0], tile_overlap) if tile else [(0, h)]
+        cols = _tile_spans(w, tile[1], tile_overlap) if tile else [(0, w)]
+        out_shape = (b, 3, 1 + self.time_stride * (t - 1), h * s, w * s)
+        _reset_streams(self.decoder)
+        try:
+            feats = [self.decoder.trunk(z[:, :, i:i + 1]) for i in range(t)]
+            if len(rows) == len(cols) == 1:
+                out = z.new_empty(out_shape)
+                self._expand_into(out, feats, on_chunk, 0, t)
+                return out.to(latent.dtype)
+            wy, wx = _blend_weights(rows, s, z.device), _blend_weights(cols, s, z.device)
+            acc = torch.zeros(out_shape, device=z.device, dtype=torch.float32)
+            for i, (y0, y1) in enumerate(rows):
+                for j, (x0, x1) in enumerate(cols):
+                    piece = z.new_empty(*out_shape[:3], (y1 - y0) * s, (x1 - x0) * s)
+                    self._expand_into(piece, [f[..., y0:y1, x0:x1] for f in feats], on_chunk,
+                                      (i * len(cols) + j) * t, len(rows) * len(cols) * t)
+                    acc[..., y0 * s:y1 * s, x0 * s:x1 * s].addcmul_(piece, wy[i][:, None] * wx[j])
+            return acc.to(latent.dtype)
+        finally:
+            _reset_streams(self.decoder)
+
+    def _expand_into(self, out: torch.Tensor, feats: list[torch.Tensor], on_chunk, done: int, total: int) -> None:
+        """Upsample the trunk features of every latent frame in turn, writing the frames into `out`."""
+        _reset_streams(self.decoder.upsamples)
+        _reset_streams(self.decoder.head)
+        f = 0
+        for i, feat in enumerate(feats):
+            y = self.decoder.expand(feat)
+            out[:, :, f:f + y.shape[2]] = y
+            f += y.shape[2]
+            if on_chunk is not None:
+                on_chunk(done + i + 1, total)
+
+
+def _tile_spans(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Start/end of tiles of `size` covering [0, n), overlapping by at least `overlap`, spread evenly."""
+    if size >= n:
+        return [(0, n)]
+    if not 0 <= overlap < size:
+        raise ValueError(f"tile overlap must be at least 0 and smaller than the tile ({size}), not {overlap}")
+    count = math.ceil((n - overlap) / (size - overlap))
+    starts = [round(k * (n - size) / (count - 1)) for k in range(count)]
+    return [(a, a + size) for a in starts]
+
+
+def _blend_weights(spans: list[tuple[int, int]], s: int, device) -> list[torch.Tensor]:
+    """Per tile, 1-D weights over its pixels (latent pixel = s pixels) that sum to 1 across tiles.
+
+    Between two overlapping tiles the weight crosses linearly over the middle half of the overlap; the
+    quarter of the overlap nearest a tile's own edge, where it lacked context, gets weight 0.
+    """
+    def ramp(pos, a, b, rising):   # overlap [a, b) in latent pixels
+        lo, hi = (a + (b - a) / 4) * s, (b - (b - a) / 4) * s
+        if hi <= lo:
+            return (pos >= lo) if rising else (pos < lo)
+        w = ((pos - lo) / (hi - lo)).clamp(0, 1)
+        return w if rising else 1 - w
+
+    raw = []
+    for k, (a, b) in enumerate(spans):
+        pos = torch.arange(a * s, b * s, dtype=torch.float64) + 0.5
+        w = torch.ones_like(pos)
+        if k > 0:
+            w = w * ramp(pos, a, spans[k - 1][1], rising=True)
+        if k + 1 < len(spans):
+            w = w * ramp(pos, spans[k + 1][0], b, rising=False)
+        raw.append(w)
+    total = torch.zeros(spans[-1][1] * s, dtype=torch.float64)
+    for (a, b), w in zip(spans, raw):
+        total[a * s:b * s] += w
+    return [(w / total[a * s:b * s]).to(device=device, dtype=torch.float32) for (a, b), w in zip(spans, raw)]
