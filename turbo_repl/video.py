@@ -1,0 +1,205 @@
+"""Video files: mp4 writing with the run record embedded, reading it back, output paths, image loading.
+
+mp4s are H.264 / yuv420p written by the ffmpeg that imageio-ffmpeg ships. The run record goes into the
+mp4's `comment` tag and beside it as a sidecar `.json`; `read_record` gets it back with that same ffmpeg
+(`-f ffmetadata`), since ffprobe is not shipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+CRF = 17   # x264 quality: visually lossless
+
+
+class VideoError(ValueError):
+    """A video or image could not be written or read; one line saying what and what to do."""
+
+
+def frames_digest(frames) -> str:
+    """sha256 of the decoded uint8 frames (a torch tensor or numpy array), as hex."""
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+# --- output paths ------------------------------------------------------------------------------------------
+
+def slug(prompt: str, words: int = 6) -> str:
+    return "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:words])[:48] or "video"
+
+
+def output_paths(template: str, *, samples: int, seed: int, prompt: str, model: str, run_id: str,
+                 when: datetime | None = None) -> list[Path]:
+    """One new path per sample; a path that exists gets a counter (`-1`, `-2`, …) and is never overwritten."""
+    when = when or datetime.now()
+    fields = dict(date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S"), seed=seed, slug=slug(prompt),
+                  model=model, id=run_id)
+    paths = []
+    for sample in range(samples):
+        text = template.format(sample=sample, **fields)
+        if samples > 1 and "{sample}" not in template:
+            stem, dot, ext = text.rpartition(".") if "." in Path(text).name else (text, "", "")
+            text = f"{stem}-s{sample}{dot}{ext}"
+        path = Path(text).expanduser()
+        if path.suffix.lower() != ".mp4":
+            path = path.with_name(path.name + ".mp4")
+        candidate, n = path, 0
+        while candidate.exists() or candidate in paths or candidate.with_suffix(".json").exists():
+            n += 1
+            candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        paths.append(candidate)
+    return paths
+
+
+def check_writable(path: Path) -> None:
+    """Make the folder of `path` and make sure a file can be created there, before any work is spent."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".turbo-repl-probe-"):
+            pass
+    except OSError as e:
+        raise VideoError(_os_message(folder, e)) from None
+
+
+def _os_message(path: Path, e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full; free some space or :set output to another disk"
+    return f"cannot write {path}: {e.strerror or e}; choose another place with :set output PATH"
+
+
+# --- mp4 -----------------------------------------------------------------------------------------------------
+
+def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
+    """Write uint8 frames [F, H, W, 3] to an H.264 mp4 with `record` in its comment tag and a sidecar .json.
+
+    The file appears complete or not at all: ffmpeg writes a hidden partial file that is renamed at the end.
+    """
+    import imageio_ffmpeg
+
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise VideoError(f"frames must be uint8 [F, H, W, 3], got {array.dtype} {list(array.shape)}")
+    f, h, w, _ = array.shape
+    if h % 2 or w % 2:
+        raise VideoError(f"H.264 yuv420p needs an even width and height, got {w}×{h}")
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    params = ["-crf", str(CRF), "-f", "mp4"]
+    if record is not None:
+        params += ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = imageio_ffmpeg.write_frames(str(partial), (w, h), fps=fps, codec="libx264", quality=None,
+                                             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
+                                             output_params=params)
+        writer.send(None)
+        for frame in array:
+            writer.send(np.ascontiguousarray(frame).tobytes())
+        writer.close()
+        os.replace(partial, path)
+        if record is not None:
+            path.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise VideoError(_os_message(path, e)) from None
+    except RuntimeError as e:   # ffmpeg died: its message names the cause (no space left, permission, ...)
+        partial.unlink(missing_ok=True)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "ffmpeg failed"
+        if "No space left" in str(e):
+            raise VideoError(_os_message(path, OSError(errno.ENOSPC, "No space left on device"))) from None
+        raise VideoError(f"cannot write {path}: {reason}") from None
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Decoded frames of a video file, uint8 [F, H, W, 3]."""
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(data, np.uint8).reshape(h, w, 3) for data in reader]
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise VideoError(f"cannot read video {path}: {str(e).strip().splitlines()[-1] if str(e) else e}") from None
+    return np.stack(frames)
+
+
+def roundtrip(frames, fps: int) -> np.ndarray:
+    """`frames` as they come back from an mp4 written by `write_mp4` (to compare with a decoded file)."""
+    with tempfile.TemporaryDirectory(prefix="turbo-repl-") as tmp:
+        path = Path(tmp) / "roundtrip.mp4"
+        write_mp4(frames, path, fps)
+        return read_frames(path)
+
+
+def read_record(path: Path) -> dict:
+    """The run record embedded in an mp4 made by turbo-repl."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"no such file: {path}")
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
+                             "-"], capture_output=True)
+    if result.returncode != 0:
+        reason = result.stderr.decode(errors="replace").strip().splitlines()
+        raise VideoError(f"cannot read {path}: {reason[-1] if reason else 'not a video'}")
+    comment = _ffmetadata(result.stdout.decode("utf-8", errors="replace")).get("comment")
+    try:
+        record = json.loads(comment) if comment else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise VideoError(f"{path} carries no turbo-repl run record (was it made by turbo-repl?)")
+    return record
+
+
+def _ffmetadata(text: str) -> dict[str, str]:
+    """Parse ffmpeg's ffmetadata output: key=value lines where `=;#\\` and newlines are backslash-escaped."""
+    tags: dict[str, str] = {}
+    key, value, escaped, in_value = [], [], False, False
+    for ch in text + "\n":
+        if escaped:
+            (value if in_value else key).append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "=" and not in_value:
+            in_value = True
+        elif ch == "\n":
+            name = "".join(key)
+            if in_value and not name.startswith(";") and not name.startswith("["):
+                tags[name.lower()] = "".join(value)
+            key, value, in_value = [], [], False
+        else:
+            (value if in_value else key).append(ch)
+    return tags
+
+
+# --- images --------------------------------------------------------------------------------------------------
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An RGB image as uint8 [H, W, 3], or VideoError naming the file and the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise VideoError(f"no such image: {path}") from None
+    except UnidentifiedImageError:
+        raise VideoError(f"{path} is not an image PIL can read (use PNG, JPEG or WebP)") from None
+    except OSError as e:
+        raise VideoError(f"cannot read image {path}: {e.strerror or e}") from None
