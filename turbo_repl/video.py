@@ -7,6 +7,7 @@ mp4's `comment` tag and beside it as a sidecar `.json`; `read_record` gets it ba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -85,8 +86,6 @@ def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
 
     The file appears complete or not at all: ffmpeg writes a hidden partial file that is renamed at the end.
     """
-    import imageio_ffmpeg
-
     array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
         raise VideoError(f"frames must be uint8 [F, H, W, 3], got {array.dtype} {list(array.shape)}")
@@ -95,30 +94,39 @@ def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
         raise VideoError(f"H.264 yuv420p needs an even width and height, got {w}×{h}")
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    params = ["-crf", str(CRF), "-f", "mp4"]
+    command = [_ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+               "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF)]
     if record is not None:
-        params += ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
+        command += ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
+    command += ["-f", "mp4", str(partial)]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = imageio_ffmpeg.write_frames(str(partial), (w, h), fps=fps, codec="libx264", quality=None,
-                                             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
-                                             output_params=params)
-        writer.send(None)
-        for frame in array:
-            writer.send(np.ascontiguousarray(frame).tobytes())
-        writer.close()
+        result = subprocess.run(command, input=np.ascontiguousarray(array).tobytes(), capture_output=True)
+        if result.returncode != 0:
+            reason = result.stderr.decode(errors="replace").strip().splitlines() or ["ffmpeg failed"]
+            if any("No space left" in line for line in reason):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise VideoError(f"cannot write {path}: {reason[-1]}")
         os.replace(partial, path)
         if record is not None:
             path.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
     except OSError as e:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise VideoError(_os_message(path, e)) from None
-    except RuntimeError as e:   # ffmpeg died: its message names the cause (no space left, permission, ...)
-        partial.unlink(missing_ok=True)
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "ffmpeg failed"
-        if "No space left" in str(e):
-            raise VideoError(_os_message(path, OSError(errno.ENOSPC, "No space left on device"))) from None
-        raise VideoError(f"cannot write {path}: {reason}") from None
+    except VideoError:
+        _remove(partial)
+        raise
+
+
+def _ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def read_frames(path: Path) -> np.ndarray:
@@ -145,12 +153,10 @@ def roundtrip(frames, fps: int) -> np.ndarray:
 
 def read_record(path: Path) -> dict:
     """The run record embedded in an mp4 made by turbo-repl."""
-    import imageio_ffmpeg
-
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"no such file: {path}")
-    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
+    result = subprocess.run([_ffmpeg(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
                              "-"], capture_output=True)
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()
