@@ -166,6 +166,11 @@ class Setting:
             value = "on" if value else "off"
         return self.parse(str(value))
 
+    @property
+    def values(self) -> str:
+        """The accepted values, as :help shows them."""
+        return self.range or " ".join(self.choices)
+
     def text(self, value: Any) -> str:
         """How a value is typed: the inverse of `parse`."""
         if isinstance(value, bool):
@@ -288,3 +293,16 @@ Settings = dataclasses.make_dataclass(
 )
 Settings.__module__ = __name__
 Settings.__doc__ = "One immutable value per setting of TABLE; make changed copies with `with_value`."
+
+
+def markdown() -> str:
+    """The settings as a Markdown table, for the README: `python -m turbo_repl.settings`."""
+    rows = ["| setting | values | default | aliases | what it does |", "|---|---|---|---|---|"]
+    for s in TABLE:
+        aliases = ", ".join(f"`{a}`" for a in s.aliases)
+        rows.append(f"| `{s.name}` | {s.values} | `{s.text(s.default)}` | {aliases} | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())

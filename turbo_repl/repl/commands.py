@@ -86,7 +86,7 @@ def _set(repl, arg: str) -> None:
         name, _, value = arg.partition(" ")
     setting = lookup(name)
     if not value.strip() and setting.name != "image":
-        raise CommandError(f"usage: :set {setting.name} VALUE ({render.values_text(setting)})")
+        raise CommandError(f"usage: :set {setting.name} VALUE ({setting.values})")
     repl.session.set(setting.name, value)
     _echo(repl, setting.name)
 

@@ -70,18 +70,14 @@ def settings_help(defaults: Settings) -> Table:
     for column in ("setting", "values", "default", "what it does"):
         table.add_column(column, style="bold" if column == "setting" else None)
     for s in TABLE:
-        table.add_row(s.name, escape(values_text(s)), escape(s.text(getattr(defaults, s.name))), escape(s.help))
+        table.add_row(s.name, escape(s.values), escape(s.text(getattr(defaults, s.name))), escape(s.help))
     return table
-
-
-def values_text(s: Setting) -> str:
-    return s.range or " ".join(s.choices)
 
 
 def setting_help(s: Setting, defaults: Settings) -> str:
     aliases = f"  (also: {', '.join(s.aliases)})" if s.aliases else ""
     return (f"[bold]{s.name}[/]{escape(aliases)}: {escape(s.help)}\n"
-            f"  values: {escape(values_text(s))}   default: {escape(s.text(getattr(defaults, s.name)))}")
+            f"  values: {escape(s.values)}   default: {escape(s.text(getattr(defaults, s.name)))}")
 
 
 def commands_help(commands) -> Table:
