@@ -28,10 +28,39 @@ ROPE_THETA = 10000.0
 SINUSOID_BASE = 10000.0
 
 
-# --------------------------------------------------------------------------------------------- pieces
+# --------------------------------------------------------------------------------------------- norms
+# The memory-bound steps of a block, in plain torch. Each is one function with the signature of its fused GPU
+# kernel in `turbo_kernels.norms`, so that a kernel can take its place without touching the network.
+
+def layernorm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm computed in float32 (affine in float32 too), rounded to x's dtype."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """adaLN of norm1 / norm2 / head: the rounded non-affine norm times (1 + scale) plus shift in float32,
+    rounded to x's dtype."""
+    return (layernorm(x, eps=eps).float() * (1 + scale) + shift).to(x.dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the full width in float32, times the weight in float32, rounded to x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """q or k [B, L, H*D] -> RMSNorm (rounded), then interleaved-pair RoPE per head in float32 -> [B, L, H, D]."""
+    B, L, _ = x.shape
+    pairs = rmsnorm(x, weight, eps).view(B, L, num_heads, -1, 2).float()
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+
 
 class RMSNorm(nn.Module):
-    """q/k norm over the full width, before the head split; float32 inside, weight applied in float32."""
+    """Holds the q / k norm weight (`norm_q`, `norm_k`); see `rmsnorm`."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,32 +68,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return rmsnorm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 and rounded to the input dtype; affine only for `norm3`."""
+    """The affine LayerNorm before cross-attention (`norm3`); see `layernorm`. norm1, norm2 and the head's norm
+    have no weights and are plain `modulated_layernorm` calls."""
 
-    def __init__(self, dim: int, eps: float, affine: bool):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim)) if affine else None
-        self.bias = nn.Parameter(torch.empty(dim)) if affine else None
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps).to(x.dtype)
+        return layernorm(x, self.weight, self.bias, self.eps)
 
 
 def fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear of the float32 regions (time embedding, projection, head), whatever its weights' dtype."""
     return F.linear(x.float(), linear.weight.float(), linear.bias.float())
-
-
-def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: formed in float32 from the (already rounded) norm output, then rounded to its dtype."""
-    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,13 +121,6 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device) -> tuple[torc
     return table.cos().to(device), table.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] in float32; returns x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
-
-
 # --------------------------------------------------------------------------------------------- attention
 
 class SelfAttention(nn.Module):
@@ -117,10 +133,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, L, _ = x.shape
-        heads = (B, L, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope)
-        v = self.v(x).view(heads)
+        q = rmsnorm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
+        k = rmsnorm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
+        v = self.v(x).view(B, L, self.num_heads, self.head_dim)
         return self.o(self.attn_op(q, k, v).reshape(B, L, -1))
 
 
@@ -147,32 +162,31 @@ class CrossAttention(nn.Module):
 class WanBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, sparse: bool):
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps, affine=False)
+        self.eps = eps
         self.self_attn = SelfAttention(dim, num_heads, eps, sparse)
-        self.norm3 = LayerNorm(dim, eps, affine=True)
+        self.norm3 = LayerNorm(dim, eps)
         self.cross_attn = CrossAttention(dim, num_heads, eps)
-        self.norm2 = LayerNorm(dim, eps, affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x, e0, context, rope):
         """x [B, L, dim]; e0 [B, 6, dim] float32 time projection; context [B, L_text, dim]."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = x + self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope) * gate_sa.to(x.dtype)
+        x = x + self.self_attn(modulated_layernorm(x, shift_sa, scale_sa, self.eps), rope) * gate_sa.to(x.dtype)
         x = x + self.cross_attn(self.norm3(x), context)
-        return x + self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)) * gate_ff.to(x.dtype)
+        return x + self.ffn(modulated_layernorm(x, shift_ff, scale_ff, self.eps)) * gate_ff.to(x.dtype)
 
 
 class Head(nn.Module):
     def __init__(self, dim: int, out_features: int, eps: float):
         super().__init__()
-        self.norm = LayerNorm(dim, eps, affine=False)
+        self.eps = eps
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
-        return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
+        return fp32_linear(self.head, layernorm(x, eps=self.eps).float() * (1 + scale) + shift)
 
 
 # --------------------------------------------------------------------------------------------- network
