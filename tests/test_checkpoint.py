@@ -261,3 +261,48 @@ def test_fingerprint_is_stable_and_tells_files_apart(tmp_path):
     data[len(data) // 2] ^= 1                                    # documented blind spot: the middle
     a.write_bytes(bytes(data))
     assert fingerprint(a) == fingerprint(tmp_path / "a.safetensors")
+
+
+# ----------------------------------------------------------------------------- int8 (-quant) checkpoints
+
+def quantize_like_turbodiffusion(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight and float32 scale per 128x128 tile: scale = amax/128, q = round(w*128/amax) saturated."""
+    rows, cols = w.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty((rows + 127) // 128, (cols + 127) // 128)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            amax = tile.abs().max().clamp_min(1e-8)
+            scale[i, j] = amax / 128
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = torch.round(tile * (128 / amax)).clamp(-128, 127)
+    return q, scale
+
+
+def test_int8_checkpoint_loads_into_8bit_linears(fixtures_dir, tmp_path):
+    pytest.importorskip("turbo_repl.models.linear")
+    meta = json.loads((fixtures_dir / "dit_t2v.json").read_text())
+    sd = read_state_dict(fixtures_dir / meta["files"]["weights"]["file"])
+    io = read_state_dict(fixtures_dir / meta["files"]["io"]["file"])
+    quantized = 0
+    for key in [k for k in sd if k.startswith("blocks.") and k.endswith(".weight") and sd[k].dim() == 2]:
+        prefix = key[: -len("weight")]
+        sd[prefix + "int8_weight"], sd[prefix + "scale"] = quantize_like_turbodiffusion(sd.pop(key))
+        quantized += 1
+    assert quantized == 10   # q, k, v, o of both attentions, ffn.0, ffn.2
+    save_file(sd, tmp_path / "dit-quant.safetensors")
+
+    arch = meta["constructor"]["kwargs"]
+    model = dit_from_checkpoint(arch, tmp_path / "dit-quant.safetensors", device="cpu", dtype=None)
+    lin = model.blocks[0].ffn[0]
+    assert lin.int8_weight.dtype == torch.int8 and lin.scale.dtype == torch.float32
+    assert isinstance(model.patch_embedding, torch.nn.Linear)       # outside the blocks nothing is 8-bit
+    with torch.no_grad():
+        out = model(io["x_B_C_T_H_W"], io["timesteps_B_T"], io["crossattn_emb"])
+    ref = io["output"]
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 5e-2
+
+    bf16 = dit_from_checkpoint(arch, tmp_path / "dit-quant.safetensors", device="cpu", dtype=torch.bfloat16)
+    lin = bf16.blocks[0].ffn[0]
+    assert lin.int8_weight.dtype == torch.int8 and lin.scale.dtype == torch.float32
+    assert lin.bias.dtype == torch.bfloat16

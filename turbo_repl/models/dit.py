@@ -267,7 +267,7 @@ class WanDiT(nn.Module):
 
     def place(self, device, dtype: torch.dtype | None) -> "WanDiT":
         """Move to `device` with floating tensors in `dtype` (None: as stored). Norm weights stay float32
-        (norms compute in float32, as TurboDiffusion's fast norms store them), and so do int8 scales."""
+        (norms compute in float32, as TurboDiffusion's fast norms store them); int8 scales keep their dtype."""
         for module in self.modules():
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             for name, t in tensors:
