@@ -1,0 +1,246 @@
+"""`turbo-repl bench`: time a real architecture at a real shape with random weights, stage by stage.
+
+Runs the product's own path (Engine.generate with the chosen settings) on a random-weight model, then splits one
+DiT forward by component with the profiler, and measures in the same run the baseline: dense `original`
+attention with bf16 linears, and the original Wan recipe (50 steps with classifier-free guidance = 100 forwards,
+extrapolated from one measured forward and labelled so). Prints JSON lines, then a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = ("A red fox trots through fresh snow in a birch forest at dawn, its breath steaming in the cold air, "
+          "soft golden light filtering through the trees, cinematic, shallow depth of field.")
+ORIGINAL_RECIPE_FORWARDS = 100   # Wan's own sampler: 50 steps, each a conditional and an unconditional forward
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="model to time (default: wan2.1-1.3b on a GPU, tiny on CPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a generation setting, e.g. --set resolution=720p --set attention=sla (repeatable)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--skip", action="append", default=[], choices=["load", "components", "baseline", "mp4"],
+                        help="leave a measurement out (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+
+
+class Report:
+    def __init__(self, context: dict, quiet: bool):
+        self.context, self.quiet, self.rows = context, quiet, []
+
+    def add(self, metric: str, value: float, unit: str = "ms", note: str = "") -> None:
+        row = {"metric": metric, "value": round(value, 4), "unit": unit, **({"note": note} if note else {})}
+        self.rows.append(row)
+        print(json.dumps({**self.context, **row}), flush=True)
+
+    def table(self) -> None:
+        if self.quiet:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"turbo-repl bench — {self.context['model']} on {self.context['device_name']}")
+        for col in ("metric", "value", "unit", "note"):
+            t.add_column(col, justify="right" if col == "value" else "left")
+        for r in self.rows:
+            t.add_row(r["metric"], f"{r['value']:.4g}", r["unit"], r.get("note", ""))
+        Console(stderr=True).print(t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _classify(kernel_name: str) -> str:
+    n = kernel_name.lower()
+    if any(s in n for s in ("attn", "sla", "flash", "fmha", "sdpa", "softmax")):
+        return "attention"
+    if any(s in n for s in ("gemm", "matmul", "_mm", "cutlass", "xmma", "nvjet", "linear", "scaled_mm")):
+        return "linears"
+    if "norm" in n or "rope" in n or "rotary" in n:
+        return "norms + rope"
+    return "other (elementwise, copies, casts)"
+
+
+def _component_split(forward, device) -> dict[str, float]:
+    """Device time of one DiT forward by component, from the profiler's kernel list (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        forward()
+        _sync(device)
+    split: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        else:
+            if evt.key.startswith("aten::") is False:
+                continue
+            us = evt.self_cpu_time_total
+        if us:
+            key = _classify(evt.key)
+            split[key] = split.get(key, 0.0) + us / 1000
+    return split
+
+
+def run(args) -> int:
+    from turbo_repl.engine import Request
+    from turbo_repl.engine.engine import Engine, pick_device
+    from turbo_repl.settings import SettingError, Settings
+
+    device = pick_device(args.device)
+    model = args.model or ("wan2.1-1.3b" if device.type == "cuda" else "tiny")
+    try:
+        settings = Settings.defaults(model)
+        for item in args.set:
+            name, _, value = item.partition("=")
+            settings = settings.with_value(name.strip(), value.strip())
+    except (SettingError, KeyError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    started = time.perf_counter()
+    engine = Engine(model, device=str(device), weights="random")
+    build_s = time.perf_counter() - started
+    request = Request(PROMPT, settings, seed=0)
+    job = engine.job(request)
+    context = {"bench": "turbo-repl", "model": model, "device_name": engine.info.get("gpu") or "cpu",
+               "resolution": f"{job.width}x{job.height}", "frames": job.frames, "steps": job.steps,
+               "samples": job.samples, "attention": settings.attention, "quant": settings.quant,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    report = Report(context, args.json)
+    report.add("build random-weight model", build_s * 1000, note="not a load from files")
+
+    # The product path, warm: the first call compiles kernels and fills the prompt cache.
+    step_times: list[list[float]] = []
+
+    def progress(stage, done, total):
+        if stage == "denoise":
+            _sync(device)
+            step_times[-1].append(time.perf_counter())
+
+    step_times.append([])
+    engine.generate(request, progress=progress)
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        step_times.append([])
+        runs.append(engine.generate(request, progress=progress))
+    chosen = runs[-1].info
+    context.update(attention=chosen["attention"], quant=chosen["quant"])
+
+    text_ms = _median_ms(lambda: engine.pipeline.text_encoder.encode([PROMPT]), device, args.repeat)
+    report.add("text encoder (new prompt)", text_ms)
+    for i in range(job.steps):
+        per_run = [(ts[i + 1] - ts[i]) * 1000 for ts in step_times[1:] if len(ts) > i + 1]
+        if per_run:
+            report.add(f"DiT step {i + 1}", statistics.median(per_run))
+    dit_ms = statistics.median(r.timings["denoise"] * 1000 for r in runs)
+    report.add(f"DiT, {job.steps} steps", dit_ms)
+    report.add("VAE decode", statistics.median(r.timings["vae decode"] * 1000 for r in runs))
+
+    if "mp4" not in args.skip:
+        from turbo_repl.video import write_mp4
+
+        with tempfile.TemporaryDirectory() as tmp:
+            frames = runs[-1].frames[0]
+            mp4_ms = _median_ms(lambda: write_mp4(frames, Path(tmp) / "bench.mp4", settings.fps),
+                                torch.device("cpu"), args.repeat)
+        report.add("mp4 encode", mp4_ms)
+        whole = statistics.median(r.timings["total"] * 1000 for r in runs) + mp4_ms
+        report.add("whole run, prompt to mp4 (prompt cached)", whole)
+        report.add("whole run, prompt to mp4 (new prompt)", whole + text_ms)
+
+    if device.type == "cuda":
+        report.add("peak GPU memory", torch.cuda.max_memory_allocated(device) / 2**30, unit="GiB")
+
+    net = engine.components.experts[0]
+    grid = _latent_grid(job)
+    x = torch.randn(job.samples, 16, *grid, device=device).to(engine.dtype)
+    t = torch.full((job.samples, 1), 900.0, device=device).to(engine.dtype)
+    ctx = engine.pipeline.embed(PROMPT).expand(job.samples, -1, -1)
+    y = torch.randn(job.samples, 20, *grid, device=device).to(engine.dtype) if engine.spec.task == "i2v" else None
+
+    def forward():
+        with torch.no_grad():
+            net(x, t, ctx, y)
+
+    fwd_ms = _median_ms(forward, device, args.repeat)
+    report.add("DiT forward", fwd_ms)
+    if "components" not in args.skip:
+        for component, ms in sorted(_component_split(forward, device).items()):
+            report.add(f"DiT forward: {component}", ms, note="device time from the profiler")
+
+    if "baseline" not in args.skip:
+        from turbo_repl.models.attention import configure_attention
+
+        configure_attention(net, "original", settings.topk)
+        if engine.components.quant != "off":
+            engine.components.requantize("off")
+            net = engine.components.experts[0]
+            configure_attention(net, "original", settings.topk)
+        base_ms = _median_ms(forward, device, args.repeat)
+        report.add("baseline DiT forward (dense attention, bf16 linears)", base_ms)
+        report.add(f"baseline DiT, {job.steps} steps", base_ms * job.steps)
+        recipe = base_ms * ORIGINAL_RECIPE_FORWARDS
+        report.add("original Wan recipe (50 steps x CFG)", recipe, note="extrapolated: 100 x one measured forward")
+        report.add("DiT speed-up over the original recipe", recipe / dit_ms, unit="x")
+
+    if "load" not in args.skip:
+        report.add("cold load of the DiT from a local file", _load_ms(engine, device), note=_load_note())
+    report.table()
+    return 0
+
+
+def _latent_grid(job) -> tuple[int, int, int]:
+    return 1 + (job.frames - 1) // 4, job.height // 8, job.width // 8
+
+
+def _load_note() -> str:
+    return "page cache dropped first" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else "page cache warm"
+
+
+def _load_ms(engine, device) -> float:
+    """Save the (random) DiT as .safetensors, then time loading it the way a real checkpoint loads."""
+    from safetensors.torch import save_file
+
+    from turbo_repl.models.checkpoint import dit_from_checkpoint
+
+    net = engine.components.experts[0]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TURBO_REPL_BENCH_TMP")) as tmp:
+        path = Path(tmp) / "dit.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+        if os.access("/proc/sys/vm/drop_caches", os.W_OK):
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        _sync(device)
+        start = time.perf_counter()
+        loaded = dit_from_checkpoint(engine.spec.dit, path, device=device, dtype=engine.dtype)
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1000
+        del loaded
+    return ms

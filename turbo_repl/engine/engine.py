@@ -1,0 +1,243 @@
+"""The Engine: load a model once, keep it on the device, turn requests into videos."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from turbo_repl.engine import pipeline as pl
+from turbo_repl.engine.backends import choose_attention, choose_quant, environment
+from turbo_repl.engine.types import Cancelled, Request, Video
+from turbo_repl.models.registry import ModelSpec, get_model
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu")
+    return device
+
+
+class Engine:
+    def __init__(self, model: str = "tiny", checkpoint_dir: str | Path | None = None, device: str = "auto",
+                 quant: str = "auto", weights: str = "checkpoint"):
+        """`weights="random"` builds a real architecture with random weights on the device (benchmarks)."""
+        self.spec: ModelSpec = get_model(model)
+        self.device = pick_device(device)
+        # bf16 on the GPU, as the reference runs; float32 on the CPU, where bf16 is slow and parity is exact.
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.checkpoint_dir = checkpoint_dir
+        started = time.perf_counter()
+        self.components = _load(self.spec, checkpoint_dir, self.device, self.dtype, quant, weights)
+        self.pipeline = pl.Pipeline(
+            self.components.text_encoder, self.components.experts, self.components.vae,
+            device=self.device, dtype=self.dtype, task=self.spec.task,
+            park_idle_expert=self.components.park_idle_expert)
+        self.load_seconds = time.perf_counter() - started
+        self.info = {
+            "model": self.spec.name,
+            "task": self.spec.task,
+            "builtin": self.spec.builtin,
+            "checkpoints": self.components.fingerprints,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quant": self.components.quant,
+            "sparse_checkpoint": self.components.sparse,
+            "load_seconds": round(self.load_seconds, 3),
+            **environment(self.device),
+        }
+
+    # -- one generation -------------------------------------------------------------------------------------
+    def job(self, request: Request) -> pl.Job:
+        """Translate settings into the pipeline's plain values (sizes, steps, conditioning image)."""
+        from turbo_repl.settings import resolution_size
+        from turbo_repl.video import load_image
+
+        s = request.settings
+        width, height = resolution_size(s.resolution, s.aspect)
+        image = None
+        if self.spec.task == "i2v":
+            if not s.image:
+                raise ValueError("this is an image-to-video model: set an image first with `:image PATH`")
+            rgb = torch.tensor(load_image(s.image))
+            if s.adaptive:
+                width, height = pl.adaptive_size(rgb.shape[1], rgb.shape[0], width * height)
+            image = pl.preprocess_image(rgb, width, height)
+        elif s.image:
+            raise ValueError(f"{self.spec.name} is a text-to-video model and takes no image: `:reset image`")
+        return pl.Job(prompt=request.prompt, width=width, height=height, frames=s.frames, steps=s.steps,
+                      sigma_max=s.sigma_max, ode=s.ode, samples=s.samples, seed=request.seed,
+                      boundary=s.boundary, image=image)
+
+    def configure(self, settings) -> dict:
+        """Apply the run-time backend settings (no reload for attention or topk); returns what was chosen."""
+        attention, why = choose_attention(settings.attention, self.device, self.components.sparse)
+        for expert in self.components.experts:
+            from turbo_repl.models.attention import configure_attention
+
+            configure_attention(expert, attention, settings.topk)
+        quant = choose_quant(settings.quant, self.components.quant, self.device)
+        if quant != self.components.quant:
+            self.components.requantize(quant)
+            self.info["quant"] = quant
+        return {"attention": attention, "attention_reason": why, "quant": quant}
+
+    def generate(self, request: Request, progress=None, cancel=None) -> Video:
+        timings: dict[str, float] = {}
+        stage_start = {"t": time.perf_counter(), "stage": None}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        def checkpoint(stage: str, done: int, total: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled during {stage}")
+            if done == total or done == 0:
+                sync()   # honest stage timings: wait for the device at stage edges only
+                now = time.perf_counter()
+                if done == total:
+                    timings[stage] = round(now - stage_start["t"], 4)
+                stage_start["t"] = now
+            if progress is not None:
+                progress(stage, done, total)
+
+        job = self.job(request)
+        backends = self.configure(request.settings)
+        started = time.perf_counter()
+        try:
+            frames = self.pipeline(job, checkpoint).cpu()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise MemoryError(f"out of GPU memory at {job.width}x{job.height}, {job.frames} frames, "
+                              f"{job.samples} sample(s): try fewer frames, a lower resolution or `:set quant int8`")
+        timings["total"] = round(time.perf_counter() - started, 4)
+        info = {**self.info, **backends, "width": job.width, "height": job.height, "frames": job.frames,
+                "generator_device": str(self.device)}
+        return Video(frames=frames, seed=request.seed, fps=request.settings.fps, timings=timings, info=info)
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+class Components:
+    def __init__(self, text_encoder, experts, vae, *, fingerprints, quant, sparse, park_idle_expert, reload):
+        self.text_encoder, self.experts, self.vae = text_encoder, experts, vae
+        self.fingerprints, self.quant, self.sparse = fingerprints, quant, sparse
+        self.park_idle_expert = park_idle_expert
+        self._reload = reload
+
+    def requantize(self, quant: str) -> None:
+        """Switch the DiT experts' linear layers to another 8-bit mode (or back to bf16) by reloading them."""
+        self.experts[:] = self._reload(quant)
+        self.quant = quant
+
+
+def _load(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str, weights: str) -> Components:
+    if spec.builtin or weights == "random":
+        return _load_generated(spec, device, dtype, on_device=weights == "random")
+    return _load_files(spec, checkpoint_dir, device, dtype, quant)
+
+
+def _generated(build, seed: int, device, dtype, on_device: bool):
+    """A module with deterministic random weights. The tiny models are filled on the CPU (the same weights on every
+    machine); benchmarks of the real architectures build and fill on the device, in the run dtype."""
+    from turbo_repl.models.tiny import deterministic_init
+
+    if not on_device:
+        return deterministic_init(build(), seed).eval().to(device, dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = build()
+    finally:
+        torch.set_default_dtype(default)
+    return deterministic_init(module, seed).eval()
+
+
+def _load_generated(spec: ModelSpec, device, dtype, on_device: bool) -> Components:
+    from turbo_repl.models.dit import WanDiT
+    from turbo_repl.models.t5 import TextEncoder, UMT5Encoder
+    from turbo_repl.models.tiny import seed_for
+    from turbo_repl.models.tokenizer import load_tokenizer
+    from turbo_repl.models.vae import WanVAE
+
+    te = spec.text_encoder
+    encoder = _generated(lambda: UMT5Encoder(**te.arch), seed_for(f"{te.name}/text_encoder"), device, dtype,
+                         on_device)
+    # Generated weights come without tokenizer files: token ids from UTF-8 bytes are valid for any vocabulary.
+    tokenizer = load_tokenizer(te.tokenizer if spec.builtin else {"kind": "bytes"}, None)
+    text_encoder = TextEncoder(encoder, tokenizer, te.text_len)
+    vae = _generated(lambda: WanVAE(**spec.vae.arch), seed_for(f"{spec.vae.name}/vae"), device, dtype, on_device)
+
+    def experts(quant: str):
+        nets = [_generated(lambda: WanDiT(**spec.dit, sparse_attention=True), seed_for(f"{spec.name}/{name}"),
+                           device, dtype, on_device).place(device, dtype) for name in spec.experts]
+        if quant != "off":
+            from turbo_repl.models.linear import convert_linears
+
+            for net in nets:
+                convert_linears(net, quant)
+        return nets
+
+    kind = "builtin" if spec.builtin else "random"
+    fingerprints = {name: f"{kind}:{spec.name}/{name}" for name in spec.experts}
+    return Components(text_encoder, experts("off"), vae, fingerprints=fingerprints, quant="off", sparse=True,
+                      park_idle_expert=False, reload=experts)
+
+
+def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> Components:
+    from turbo_repl.models.checkpoint import dit_from_checkpoint, fingerprint, load_into, read_state_dict
+    from turbo_repl.models.locate import locate
+    from turbo_repl.models.t5 import TextEncoder, UMT5Encoder
+    from turbo_repl.models.tokenizer import load_tokenizer
+    from turbo_repl.models.vae import WanVAE
+
+    want_int8 = quant == "int8"
+    files = locate(spec.name, checkpoint_dir=checkpoint_dir, quant=want_int8)
+    te = spec.text_encoder
+    with torch.device("meta"):
+        encoder = UMT5Encoder(**te.arch)
+    encoder = load_into(encoder, read_state_dict(files.text_encoder), what=f"{spec.name} text encoder",
+                        path=files.text_encoder).eval()
+    text_encoder = TextEncoder(encoder, load_tokenizer(te.tokenizer, files.tokenizer), te.text_len)
+    # umT5-XXL is 11 GB in bf16: it stays on the GPU only when everything fits, else it encodes on the CPU
+    # (embeddings are cached per prompt, so that cost is paid once per prompt).
+    with torch.device("meta"):
+        vae = WanVAE(**spec.vae.arch)
+    vae = load_into(vae, read_state_dict(files.vae), what="Wan VAE", path=files.vae).eval().to(device, dtype)
+
+    def experts(mode: str):
+        nets = [dit_from_checkpoint(spec.dit, path, device="cpu", dtype=dtype).eval() for path in files.dits]
+        if mode == "fp8":
+            from turbo_repl.models.linear import convert_linears
+
+            for net in nets:
+                convert_linears(net, "fp8")
+        return nets
+
+    nets = experts(quant if quant == "fp8" else "off")
+    net_bytes = sum(_module_bytes(n) for n in nets)
+    park = len(nets) == 2 and not _fits(net_bytes, device)
+    for net in (nets[:1] if park else nets):
+        net.to(device)
+    text_encoder.to(device if _fits(_module_bytes(encoder), device) else "cpu")
+    fingerprints = {name: fingerprint(p) for name, p in zip(spec.experts, files.dits)}
+    fingerprints.update(vae=fingerprint(files.vae), text_encoder=fingerprint(files.text_encoder))
+    loaded_quant = "int8" if any(hasattr(m, "int8_weight") for m in nets[0].modules()) else (
+        "fp8" if quant == "fp8" else "off")
+    sparse = any(getattr(m, "proj_l", None) is not None for m in nets[0].modules())
+    return Components(text_encoder, nets, vae, fingerprints=fingerprints, quant=loaded_quant, sparse=sparse,
+                      park_idle_expert=park, reload=experts)
+
+
+def _module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _fits(nbytes: int, device: torch.device, reserve: float = 0.15) -> bool:
+    """Whether `nbytes` more fit on the device, keeping a fraction of it free for activations."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes < free - reserve * total
