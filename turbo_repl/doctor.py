@@ -84,8 +84,10 @@ def _ffmpeg() -> dict:
 
 
 def _hub() -> dict:
-    from huggingface_hub import constants
-
+    try:
+        from huggingface_hub import constants
+    except Exception as e:   # noqa: BLE001
+        return {"error": f"huggingface_hub cannot be imported: {e}"}
     return {"cache": str(constants.HF_HUB_CACHE), "endpoint": constants.ENDPOINT,
             "offline": bool(constants.HF_HUB_OFFLINE)}
 
@@ -103,7 +105,7 @@ def _checkpoints(name: str, checkpoint_dir: Path | None) -> dict:
         except MissingCheckpoint as e:
             entry[variant] = {"present": False, "missing": [n.hub_path for n in e.missing],
                               "files": len(needed_files(spec, quant)), "fetch": e.command}
-        except ValueError as e:   # no such variant, or the folder does not exist
+        except Exception as e:   # noqa: BLE001 — no such variant, no such folder, a broken huggingface_hub
             entry[variant] = {"present": False, "missing": [], "error": str(e)}
     entry["available"] = entry["bf16"]["present"] or entry["int8"]["present"]
     return entry
@@ -128,21 +130,22 @@ def _attention(device) -> dict:
 
 
 def _linear(device) -> dict:
-    """linear backend -> "ok" or why not, as the engine decides it for this device."""
+    """linear backend -> "ok" or why not, and what `auto` picks, as the engine decides them for this device."""
     try:
         from turbo_repl.engine.backends import choose_quant
-    except Exception as e:   # noqa: BLE001
+
+        backends = {}
+        for name in LINEAR_BACKENDS:
+            try:
+                choose_quant(name, "off", device)
+                backends[name] = "ok" if device.type == "cuda" or name == "off" else "ok (plain-torch reference)"
+            except ValueError as e:
+                backends[name] = str(e)
+        auto = (f"as the checkpoint: {choose_quant('auto', 'int8', device)} with -quant.pth, "
+                f"{choose_quant('auto', 'off', device)} with bf16")
+    except Exception as e:   # noqa: BLE001 — the engine may be missing or broken; say so
         unknown = f"unknown ({type(e).__name__}: {e})"
-        return {"backends": {name: unknown for name in LINEAR_BACKENDS}, "auto": "unknown"}
-    backends = {}
-    for name in LINEAR_BACKENDS:
-        try:
-            choose_quant(name, "off", device)
-            backends[name] = "ok" if device.type == "cuda" or name == "off" else "ok (plain-torch reference, no GPU)"
-        except ValueError as e:
-            backends[name] = str(e)
-    auto = f"as the checkpoint: {choose_quant('auto', 'int8', device)} with -quant.pth, " \
-           f"{choose_quant('auto', 'off', device)} with bf16"
+        backends, auto = {name: unknown for name in LINEAR_BACKENDS}, "unknown"
     return {"backends": backends, "auto": auto}
 
 
@@ -162,9 +165,11 @@ def render(report: dict, console: Console) -> None:
     env.add_row("gpu", f"{escape(gpu['name'])} ×{gpu['count']}, compute capability {gpu['capability']}, "
                        f"{gpu['memory_gib']} GiB ({gpu['free_gib']} GiB free)" if gpu else "none (CPU only)")
     ff = report["ffmpeg"]
-    env.add_row("ffmpeg", escape(f"{ff['version']}  {ff['path']}") if "path" in ff else f"[red]{escape(ff['error'])}[/]")
+    env.add_row("ffmpeg", escape(f"{ff['version']}  {ff['path']}") if "path" in ff else
+                f"[red]{escape(ff['error'])}[/]")
     hub = report["hub"]
-    env.add_row("hub cache", escape(f"{hub['cache']}  ({hub['endpoint']}{', offline' if hub['offline'] else ''})"))
+    env.add_row("hub cache", f"[red]{escape(hub['error'])}[/]" if "error" in hub else
+                escape(f"{hub['cache']}  ({hub['endpoint']}{', offline' if hub['offline'] else ''})"))
     console.print(env)
 
     models = Table(title="checkpoints", title_justify="left")
