@@ -28,8 +28,12 @@ _LAUNCH = (["-m", "turbo_repl.cli"] if importlib.util.find_spec("turbo_repl.repl
                   "m.add_arguments(p); sys.exit(m.run(p.parse_args(sys.argv[2:])))"])
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`turbo-repl ARGS` in a fresh process, so that huggingface_hub reads `env` when it is imported."""
+def run_cli(tmp_path: Path, *args: str, **hf_env: str) -> subprocess.CompletedProcess:
+    """`turbo-repl ARGS` in a fresh process, so that huggingface_hub reads this environment when it is imported:
+    a hub cache and HF home under `tmp_path`, no token, no telemetry, wide uncoloured output, plus `hf_env`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HUB_CACHE=str(Path(tmp_path) / "hub"), HF_HOME=str(Path(tmp_path) / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1", COLUMNS="250", NO_COLOR="1", **hf_env)
     return subprocess.run([sys.executable, *_LAUNCH, *args], env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 
 import pytest
@@ -16,10 +15,7 @@ from turbo_repl.models.registry import get_model, model_names
 
 
 def doctor(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", COLUMNS="200", NO_COLOR="1")
-    result = run_cli("doctor", *args, env=env)
+    result = run_cli(tmp_path, "doctor", *args, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stderr
     return result
 

@@ -7,7 +7,6 @@ every request) and whose HF_HUB_CACHE / HF_HOME are temporary folders.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import subprocess
 from pathlib import Path
@@ -50,12 +49,8 @@ def hub():
 
 
 def cli(tmp_path: Path, *args: str, endpoint: str, offline: bool = False) -> subprocess.CompletedProcess:
-    """The real `turbo-repl` in a subprocess, so that huggingface_hub reads this environment at import."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint,
-               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1", COLUMNS="250",
-               NO_COLOR="1", HF_HUB_ETAG_TIMEOUT="5")
-    return run_cli(*args, env=env)
+    return run_cli(tmp_path, *args, HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="1" if offline else "0",
+                   HF_HUB_ETAG_TIMEOUT="5")
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
