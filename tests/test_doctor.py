@@ -76,5 +76,6 @@ def test_doctor_table_for_people(tmp_path):
     out = doctor(tmp_path).stdout
     assert "none (CPU only)" in out
     assert "built in" in out
-    assert "missing 7 of 7 — turbo-repl download wan2.1-1.3b" in out
-    assert "missing 7 of 7 — turbo-repl download wan2.1-1.3b --quant" in out
+    n = len(needed_files(get_model("wan2.1-1.3b"), quant=False))
+    assert f"missing {n} of {n} — turbo-repl download wan2.1-1.3b" in out
+    assert f"missing {n} of {n} — turbo-repl download wan2.1-1.3b --quant" in out

@@ -22,7 +22,7 @@ MODEL = "wan2.1-1.3b"
 T2V = "TurboDiffusion/TurboWan2.1-T2V-1.3B-480P"
 WAN = "Wan-AI/Wan2.1-T2V-1.3B"
 TOKENIZER = "google/umt5-xxl"
-TOKENIZER_FILES = ["spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = list(get_model(MODEL).text_encoder.tokenizer["files"])
 BF16_FILES = [(T2V, "TurboWan2.1-T2V-1.3B-480P.pth"), (WAN, "Wan2.1_VAE.pth"),
               (WAN, "models_t5_umt5-xxl-enc-bf16.pth")] + [(TOKENIZER, f) for f in TOKENIZER_FILES]
 QUANT_DIT = (T2V, "TurboWan2.1-T2V-1.3B-480P-quant.pth")
@@ -94,14 +94,14 @@ def test_locate_quant_takes_the_quant_checkpoint(cache):
 
 def test_locate_names_the_missing_files_and_the_command_to_fetch_them(cache):
     for key in BF16_FILES:
-        if key not in [(WAN, "Wan2.1_VAE.pth"), (TOKENIZER, "tokenizer.json")]:
+        if key not in [(WAN, "Wan2.1_VAE.pth"), (TOKENIZER, "spiece.model")]:
             put_in_cache(cache, *key)
     with pytest.raises(MissingCheckpoint) as e:
         locate(MODEL, quant=False)
-    assert [n.hub_path for n in e.value.missing] == [f"{WAN}/Wan2.1_VAE.pth", f"{TOKENIZER}/tokenizer.json"]
+    assert [n.hub_path for n in e.value.missing] == [f"{WAN}/Wan2.1_VAE.pth", f"{TOKENIZER}/spiece.model"]
     message = str(e.value)
     assert "\n" not in message
-    assert f"{WAN}/Wan2.1_VAE.pth" in message and f"{TOKENIZER}/tokenizer.json" in message
+    assert f"{WAN}/Wan2.1_VAE.pth" in message and f"{TOKENIZER}/spiece.model" in message
     assert message.endswith("fetch them with: turbo-repl download wan2.1-1.3b")
     with pytest.raises(MissingCheckpoint, match="turbo-repl download wan2.1-1.3b --quant$"):
         locate(MODEL, quant=True)
@@ -157,7 +157,7 @@ def test_locate_builtin_model_needs_nothing(cache):
 def test_download_fetches_exactly_the_needed_files_into_the_cache_then_nothing_more(tmp_path, hub, monkeypatch):
     result = cli(tmp_path, "download", MODEL, endpoint=hub.endpoint)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "all 7 files of 'wan2.1-1.3b' are here" in result.stdout
+    assert f"all {len(BF16_FILES)} files of 'wan2.1-1.3b' are here" in result.stdout
     assert sorted(hub.fetched()) == sorted(f"/{repo}/resolve/main/{name}" for repo, name in BF16_FILES)
 
     from huggingface_hub import constants
@@ -179,7 +179,7 @@ def test_download_offline_reports_what_is_missing_and_asks_nothing(tmp_path, hub
     assert result.returncode == 1
     assert error_lines(result) == [f"error: {TOKENIZER}/special_tokens_map.json: not here, and HF_HUB_OFFLINE "
                                    "is set: unset it to download"]
-    assert "1 of 7 files of 'wan2.1-1.3b' are missing" in result.stdout
+    assert f"1 of {len(BF16_FILES)} files of 'wan2.1-1.3b' are missing" in result.stdout
     assert "turbo-repl download wan2.1-1.3b" in result.stdout
     assert hub.requests == []
 
@@ -227,7 +227,7 @@ def test_download_explains_404_401_and_an_unreachable_hub_in_one_line_each(tmp_p
     assert lines[1:] == [f"error: {TOKENIZER}/{name}: repository {TOKENIZER} not found, or private and you are "
                          "not logged in (HTTP 401): check the name, or log in with `hf auth login` / set HF_TOKEN"
                          for name in TOKENIZER_FILES]
-    assert "5 of 7 files of 'wan2.1-1.3b' are missing" in result.stdout
+    assert f"{1 + len(TOKENIZER_FILES)} of {len(BF16_FILES)} files of 'wan2.1-1.3b' are missing" in result.stdout
     assert len(hub.fetched()) == 2    # the two files the hub has were still fetched
 
     with socket.socket() as s:        # a port nobody listens on
@@ -236,7 +236,7 @@ def test_download_explains_404_401_and_an_unreachable_hub_in_one_line_each(tmp_p
     down = cli(tmp_path / "other", "download", MODEL, endpoint=closed)
     assert down.returncode == 1
     lines = error_lines(down)
-    assert len(lines) == 7 and all(f"cannot reach {closed} (ConnectError)" in line for line in lines)
+    assert len(lines) == len(BF16_FILES) and all(f"cannot reach {closed} (ConnectError)" in line for line in lines)
 
 
 def test_download_refuses_when_the_disk_cannot_hold_the_files(tmp_path):
