@@ -51,7 +51,8 @@ def test_doctor_reports_checkpoints_per_model(report):
     assert m["available"] is True and m["int8"]["present"] is True
     assert m["bf16"] == {"present": False, "missing": ["TurboDiffusion/TurboWan2.1-T2V-1.3B-480P/"
                                                        "TurboWan2.1-T2V-1.3B-480P.pth"],
-                         "files": 7, "fetch": "turbo-repl download wan2.1-1.3b"}
+                         "files": len(needed_files(get_model("wan2.1-1.3b"), quant=False)),
+                         "fetch": "turbo-repl download wan2.1-1.3b"}
     i2v = models["wan2.2-a14b-i2v"]
     assert i2v["available"] is False and len(i2v["int8"]["missing"]) == 2   # shares all but its two experts
     assert i2v["bf16"]["fetch"] == "turbo-repl download wan2.2-a14b-i2v"
