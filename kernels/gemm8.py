@@ -1,0 +1,220 @@
+"""W8A8 GEMM: y = (a * a_scale) @ (b * b_scale).T + bias, with int8 or FP8 (e4m3) operands, on tensor cores.
+
+a [M, K] holds 8-bit activations, b [N, K] 8-bit weights (a Linear's [out, in] layout, K contiguous in both:
+the layout 8-bit tensor-core instructions want). Scales come in two granularities each:
+
+| operand | coarse (one per ...)     | grouped (one per ...)                        |
+|---------|--------------------------|----------------------------------------------|
+| a       | token: a_scale [M]       | token and 128 columns: a_scale [M, ceil(K/128)] |
+| b       | output channel: [N]      | 128x128 block: b_scale [ceil(N/128), ceil(K/128)] (TurboDiffusion) |
+
+Coarse x coarse keeps one integer (int8) or float32 (fp8) accumulator over all of K and scales once in the
+epilogue: the fastest form. If either side is grouped, each 128-wide K step's product is scaled and added to a
+float32 accumulator (the form of TurboDiffusion's GEMM).
+
+The epilogue adds the bias, optionally applies GELU (tanh form), and writes either a float tensor or, for the
+FFN, an 8-bit tensor with one scale per (token, 128 columns): the input the next GEMM wants, with no extra pass
+over memory.
+
+`gemm8` is the launcher, `gemm8_ref` the plain-torch reference of the same function, and
+`int8_linear_tiles_ref` TurboDiffusion's int8 linear exactly (128x128 activation tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant8 import DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles, quantize_rows_ref, \
+    quantize_tiles_ref, quantize_values
+
+GELU_C = 0.7978845608028654     # sqrt(2 / pi)
+
+
+@triton.jit
+def _gelu_tanh(y):
+    # 0.5 * y * (1 + tanh(u)) == y * sigmoid(2u), u = sqrt(2/pi) * (y + 0.044715 y^3)
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
+                  M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm,
+                  FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)   # rows past M re-read valid rows
+    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + am[:, None].to(tl.int64) * stride_am + rk[None, :]
+    b_ptrs = b_ptr + bn[:, None].to(tl.int64) * stride_bn + rk[None, :]
+
+    PER_K: tl.constexpr = A_GROUPED or B_BLOCKED
+    DOT_T: tl.constexpr = tl.float32 if FP8_IN else tl.int32
+    ACC_T: tl.constexpr = tl.float32 if PER_K else DOT_T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+        if PER_K:  # BLOCK_K == 128: step k is scale group k
+            part = tl.dot(a, tl.trans(b), out_dtype=DOT_T).to(tl.float32)
+            if A_GROUPED:
+                part = part * tl.load(as_ptr + am * stride_asm + k)[:, None]
+            if B_BLOCKED:
+                part = part * tl.load(bs_ptr + (bn // 128) * stride_bsn + k)[None, :]
+            acc += part
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=DOT_T)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    y = acc.to(tl.float32)
+    if not A_GROUPED:
+        y = y * tl.load(as_ptr + am)[:, None]
+    if not B_BLOCKED:
+        y = y * tl.load(bs_ptr + bn)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+    if OUT_Q:  # 8-bit output, one scale per (row, 128 columns)
+        QMAX: tl.constexpr = 448.0 if FP8_OUT else 127.0
+        G: tl.constexpr = BLOCK_N // 128
+        y = tl.where(rn[None, :] < N, y, 0.0)
+        y3 = tl.reshape(y, (BLOCK_M, G, 128))
+        amax = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-8)
+        q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
+        tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)), mask=mask)
+        g = pid_n * G + tl.arange(0, G)
+        tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], amax / QMAX,
+                 mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
+    else:
+        tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
+
+
+def default_config(M: int, N: int, K: int, per_k: bool) -> dict:
+    """Tile shapes for Hopper-class GPUs (see benchmarks/notes-linear.md for the measurements)."""
+    if M <= 1024 or N <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if per_k:  # float32 accumulator + the per-step product in registers: stay at 128x128 per 4 warps
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _scale_kind(scale: torch.Tensor, rows: int, K: int, what: str, grouped_rows: int) -> bool:
+    """True if grouped along K, False if one scale per row; raises on any other shape."""
+    if scale.dim() == 1 and scale.shape[0] == rows:
+        return False
+    if scale.dim() == 2 and tuple(scale.shape) == (grouped_rows, triton.cdiv(K, TILE)):
+        return True
+    raise ValueError(f"{what} scale has shape {tuple(scale.shape)}; expected [{rows}] or "
+                     f"[{grouped_rows}, {triton.cdiv(K, TILE)}]")
+
+
+def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+          bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16, gelu: bool = False,
+          out: str | None = None, config: dict | None = None):
+    """a [M, K], b [N, K] (both int8 or both float8_e4m3fn) -> y [M, N] `out_dtype`, or, with `out` = "int8" |
+    "fp8", the pair (y_q [M, N], y_scale [M, ceil(N/128)]) quantised per (token, 128 columns)."""
+    if a.dtype != b.dtype or a.dtype not in DTYPES.values():
+        raise ValueError(f"gemm8 takes two int8 or two float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(f"inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    a_grouped = _scale_kind(a_scale, M, K, "activation", M)
+    b_blocked = _scale_kind(b_scale, N, K, "weight", triton.cdiv(N, TILE))
+    cfg = dict(config or default_config(M, N, K, a_grouped or b_blocked))
+    if (a_grouped or b_blocked) and cfg["BLOCK_K"] != TILE:
+        raise ValueError(f"grouped scales need BLOCK_K == {TILE}")
+    if out is not None:
+        check_format(out)
+        if cfg["BLOCK_N"] % TILE:
+            raise ValueError(f"an 8-bit output needs BLOCK_N a multiple of {TILE}")
+    a, b = a.contiguous(), b.contiguous()
+    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    c = torch.empty((M, N), dtype=DTYPES[out] if out else out_dtype, device=a.device)
+    cs = torch.empty((M, triton.cdiv(N, TILE)), dtype=torch.float32, device=a.device) if out else c
+    if M and N:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _gemm8_kernel[grid](
+            a, b, c, a_scale, b_scale, bias if bias is not None else a_scale, cs,
+            M, N, K, a.stride(0), b.stride(0), c.stride(0),
+            a_scale.stride(0), b_scale.stride(0), cs.stride(0),
+            FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
+            HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
+            EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+    return (c, cs) if out else c
+
+
+# --------------------------------------------------------------------------------------------- references
+
+def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
+    """The GELU (tanh form) of the epilogue, written the same way (equal to F.gelu(approximate='tanh'))."""
+    return y / (1.0 + torch.exp(-2.0 * GELU_C * (y + 0.044715 * y * y * y)))
+
+
+def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None):
+    """Plain-torch `gemm8`: the same scales, the same order of float32 operations, products exact."""
+    M, K = a.shape
+    N = b.shape[0]
+    a_grouped = _scale_kind(a_scale, M, K, "activation", M)
+    b_blocked = _scale_kind(b_scale, N, K, "weight", -(-N // TILE))
+    if a_grouped or b_blocked:
+        acc = torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        for g in range(-(-K // TILE)):
+            ks = slice(g * TILE, (g + 1) * TILE)
+            part = a[:, ks].float() @ b[:, ks].float().T       # int8: exact (|sum| < 2**21)
+            if a_grouped:
+                part = part * a_scale[:, g, None].float()
+            if b_blocked:
+                part = part * expand_tiles(b_scale[:, g], N)[None, :].float()
+            acc += part
+    else:  # one accumulator over all of K: exact in float64, rounded once (as the int32 accumulator is)
+        acc = (a.double() @ b.double().T).float()
+    if not a_grouped:
+        acc = acc * a_scale[:, None].float()
+    if not b_blocked:
+        acc = acc * b_scale[None, :].float()
+    if bias is not None:
+        acc = acc + bias.float()
+    if gelu:
+        acc = gelu_tanh_ref(acc)
+    return quantize_rows_ref(acc, out, group=TILE) if out else acc.to(out_dtype)
+
+
+def int8_linear_tiles_ref(x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """TurboDiffusion's `Int8Linear.forward`: x [..., K] quantised in 128x128 tiles over [tokens, channels],
+    int32 tile products scaled by both tile scales and summed in float32, written in x's dtype, then + bias."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    x_q, x_s = quantize_tiles_ref(x2)
+    y = gemm8_ref(x_q, expand_tiles(x_s, x2.shape[0]), int8_weight, scale, out_dtype=x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], -1)
+
+
+__all__ = ["gemm8", "gemm8_ref", "int8_linear_tiles_ref", "gelu_tanh_ref", "default_config", "FORMATS", "QMAX"]

@@ -1,0 +1,243 @@
+"""8-bit linear layers for the DiT blocks, and the module swap that puts them in.
+
+* `Int8Linear` is TurboDiffusion's layer, buffer for buffer: `int8_weight` int8 [out, in], `scale` float32
+  [ceil(out/128), ceil(in/128)] (one per 128x128 weight tile), `bias` [out] — so a `-quant.pth` checkpoint
+  loads into it strictly. `from_linear` quantises a float Linear the same way.
+* `Fp8Linear` holds e4m3 weights with one scale per output channel, made once at load from a bf16 checkpoint.
+
+Forward modes (`configure_linears(model, mode)`):
+
+* `reference` — plain torch. For `Int8Linear` on a plain tensor this is TurboDiffusion's arithmetic exactly:
+  activations quantised in 128x128 tiles over [tokens, channels], int32 tile products times both tile scales
+  summed in float32, output in x's dtype, plus bias.
+* `fast` (default) — on a GPU, Triton kernels: activations quantised per token (one scale per row: scale =
+  amax/127 for int8, amax/448 for e4m3), then the W8A8 GEMM with the bias fused. Per token, because it keeps one
+  integer accumulator over all of K when the weight scales allow it, needs no pass over the tokens before the
+  GEMM, and lets the norm that produces the activation emit them directly. Off the GPU it is `reference`.
+* `triton` — the kernels wherever they run (the Triton interpreter on a CPU): for tests.
+
+In `fast` mode on a GPU a layer's `input_format` is "int8" or "fp8": the block may then hand it the pair
+(x_q [..., in], x_scale [...]) that a fused norm produced (`turbo_kernels.norms.layernorm(..., out=fmt)`)
+instead of a tensor. `feed_forward` runs Linear -> GELU -> Linear with the GELU and the quantisation of the
+hidden activations fused into the first GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref
+from turbo_kernels.quant8 import TILE, quantize_rows, quantize_rows_ref, quantize_tiles_ref
+
+QUANT_MODES = ("int8", "fp8")
+FORWARD_MODES = ("reference", "fast", "triton")
+
+Quantized = tuple[torch.Tensor, torch.Tensor]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Linear8(nn.Module):
+    """What Int8Linear and Fp8Linear share: the forward over a tensor or a pre-quantised pair."""
+
+    fmt: str                                     # "int8" | "fp8"
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mode = "fast"
+
+    def weight_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def uses_triton(self) -> bool:
+        return self.mode == "triton" or (self.mode == "fast" and self.weight_and_scale()[0].is_cuda)
+
+    @property
+    def input_format(self) -> str | None:
+        """The 8-bit format this layer takes pre-quantised (per token), or None if it wants a tensor."""
+        return self.fmt if self.uses_triton() else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+    def forward(self, x: torch.Tensor | Quantized, *, gelu: bool = False, out: str | None = None):
+        """x [..., in] or (x_q [..., in], x_scale [...] per token or [..., ceil(in/128)] per 128 channels).
+
+        Returns [..., out] in x's dtype (the bias's dtype for a pair); `gelu` applies GELU (tanh form) after
+        the bias; `out="int8"|"fp8"` returns the result quantised per (token, 128 channels) instead."""
+        weight, w_scale = self.weight_and_scale()
+        if isinstance(x, tuple):
+            x_q, x_scale = x
+            lead, out_dtype = x_q.shape[:-1], (self.bias.dtype if self.bias is not None else torch.bfloat16)
+            grouped = x_scale.dim() == x_q.dim()            # [..., groups] rather than [...]
+            x_q = x_q.reshape(-1, self.in_features)
+            x_scale = x_scale.reshape(x_q.shape[0], -1) if grouped else x_scale.reshape(-1)
+        else:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
+            lead, out_dtype = x.shape[:-1], x.dtype
+            if not self.uses_triton() and self.fmt == "int8":   # TurboDiffusion's own arithmetic
+                y = int8_linear_tiles_ref(x, weight, w_scale, self.bias)
+                if gelu:
+                    y = F.gelu(y, approximate="tanh")
+                return _split(quantize_rows_ref(y, out, group=TILE), lead) if out else y
+            quantize = quantize_rows if self.uses_triton() else quantize_rows_ref
+            x_q, x_scale = quantize(x.reshape(-1, self.in_features), self.fmt)
+        y = self.matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out)
+        return _split(y, lead) if out else y.view(*lead, self.out_features)
+
+    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):
+        gemm = gemm8 if self.uses_triton() else gemm8_ref
+        return gemm(x_q, x_scale, weight, w_scale, self.bias, out_dtype=out_dtype, gelu=gelu, out=out)
+
+
+def _split(pair: Quantized, lead) -> Quantized:
+    q, s = pair
+    return q.view(*lead, q.shape[-1]), s.view(*lead, s.shape[-1])
+
+
+class Int8Linear(Linear8):
+    """TurboDiffusion's int8 linear layer (its `-quant.pth` checkpoints' format)."""
+
+    fmt = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__(in_features, out_features)
+        self.register_buffer("int8_weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(_cdiv(out_features, TILE), _cdiv(in_features, TILE),
+                                                  dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def weight_and_scale(self):
+        return self.int8_weight, self.scale
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Quantise `linear`'s weight in 128x128 tiles as TurboDiffusion does (the weight's own values: bf16 for
+        a bf16 checkpoint; a float32 weight is quantised from its float32 values)."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        layer.int8_weight, layer.scale = quantize_tiles_ref(w)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+
+class Fp8Linear(Linear8):
+    """e4m3 weights, one float32 scale per output channel (amax/448); activations quantised per token."""
+
+    fmt = "fp8"
+    # cuBLAS (torch._scaled_mm) for the plain per-token case where it is at least as fast as our kernel
+    use_scaled_mm = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__(in_features, out_features)
+        self.register_buffer("fp8_weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                       device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def weight_and_scale(self):
+        return self.fp8_weight, self.weight_scale
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        layer.fp8_weight, layer.weight_scale = quantize_rows_ref(w, "fp8")
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):
+        if (self.use_scaled_mm and x_q.is_cuda and not gelu and out is None and x_scale.dim() == 1
+                and out_dtype == torch.bfloat16):
+            bias = self.bias.to(out_dtype) if self.bias is not None else None
+            return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                                    bias=bias, out_dtype=out_dtype)
+        return super().matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out)
+
+
+# --------------------------------------------------------------------------------------------- the swap
+
+def quantizable_linears(model: nn.Module):
+    """(parent, attribute, linear) for every nn.Linear inside `model.blocks` whose qualified name does not
+    contain `proj_l` — the layers TurboDiffusion quantises (10 per Wan block)."""
+    found = []
+    for name, parent in model.blocks.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear) and "proj_l" not in f"{name}.{attr}":
+                found.append((parent, attr, child))
+    return found
+
+
+def int8_shells(model: nn.Module) -> nn.Module:
+    """Swap each quantizable Linear for an empty Int8Linear on `meta`, so that a `-quant.pth` state dict loads
+    into the model strictly with `assign=True`."""
+    for parent, attr, lin in quantizable_linears(model):
+        setattr(parent, attr, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, "meta",
+                                         lin.weight.dtype))
+    return model
+
+
+def convert_linears(model: nn.Module, mode: str) -> nn.Module:
+    """Quantise the quantizable Linears of a loaded model in place: mode "int8" (TurboDiffusion's format) or
+    "fp8" (per-channel e4m3)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantisation must be one of {', '.join(QUANT_MODES)}, not '{mode}'")
+    cls = Int8Linear if mode == "int8" else Fp8Linear
+    for parent, attr, lin in quantizable_linears(model):
+        setattr(parent, attr, cls.from_linear(lin))
+    return model
+
+
+def configure_linears(model: nn.Module, mode: str) -> None:
+    """Set the forward mode ('reference' | 'fast' | 'triton') of every 8-bit linear in `model`."""
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"linear mode must be one of {', '.join(FORWARD_MODES)}, not '{mode}'")
+    for m in model.modules():
+        if isinstance(m, Linear8):
+            m.mode = mode
+
+
+def feed_forward(ffn: nn.Sequential, x: torch.Tensor | Quantized) -> torch.Tensor:
+    """Wan's FFN, `Sequential(Linear, GELU(tanh), Linear)`. With 8-bit layers on the fast path the GELU and the
+    quantisation of the hidden activations (per token and 128 channels) run in the first GEMM's epilogue."""
+    first, last = ffn[0], ffn[2]
+    if isinstance(first, Linear8) and isinstance(last, Linear8) and last.input_format is not None:
+        return last(first(x, gelu=True, out=last.input_format))
+    if isinstance(first, Linear8):
+        return last(first(x, gelu=True))
+    return ffn(x)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def is_quantizable_key(key: str, tensor: torch.Tensor) -> bool:
+    """A `.weight` of a Linear inside the blocks (2-D), other than SLA's `proj_l`."""
+    return key.startswith("blocks.") and key.endswith(".weight") and tensor.dim() == 2 and "proj_l" not in key
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A float DiT state dict -> TurboDiffusion's `-quant.pth` layout: each quantizable `X.weight` becomes
+    `X.int8_weight` + `X.scale` (128x128 tiles, as `Int8Linear.from_linear`); everything else is kept as is.
+
+    This converts a bf16 checkpoint into an int8 one (quantise the bf16 values, as the reference's converter
+    does): `torch.save(quantize_state_dict(torch.load(path)), out)`."""
+    out = {}
+    for key, t in sd.items():
+        if is_quantizable_key(key, t):
+            base = key[: -len("weight")]
+            out[base + "int8_weight"], out[base + "scale"] = quantize_tiles_ref(t)
+        else:
+            out[key] = t
+    return out
