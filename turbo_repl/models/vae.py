@@ -154,14 +154,10 @@ class Resample(nn.Module):
         return x
 
 
-def _stage_dims(dim: int, dim_mult: Sequence[int]) -> list[int]:
-    return [dim * u for u in [1, *dim_mult]]
-
-
 class Encoder3d(nn.Module):
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample, dropout):
         super().__init__()
-        dims = _stage_dims(dim, dim_mult)
+        dims = [dim * u for u in [1, *dim_mult]]
         scale = 1.0
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
