@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from turbo_repl.models.dit import WanDiT
@@ -55,8 +56,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(p), device="cpu")   # lazily memory-mapped: pages are read when touched
     except Exception as e:  # safetensors raises its own exception type for every kind of damage
