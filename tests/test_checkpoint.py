@@ -306,3 +306,12 @@ def test_int8_checkpoint_loads_into_8bit_linears(fixtures_dir, tmp_path):
     lin = bf16.blocks[0].ffn[0]
     assert lin.int8_weight.dtype == torch.int8 and lin.scale.dtype == torch.float32
     assert lin.bias.dtype == torch.bfloat16
+
+
+def test_place_keeps_fp8_weights_and_scales():
+    linear = pytest.importorskip("turbo_repl.models.linear")
+    model = linear.convert_linears(tiny_dit(ARCH, seed=4), "fp8")
+    model.place("cpu", torch.bfloat16)
+    lin = model.blocks[1].self_attn.o
+    assert lin.fp8_weight.dtype == torch.float8_e4m3fn and lin.weight_scale.dtype == torch.float32
+    assert lin.bias.dtype == torch.bfloat16 and model.patch_embedding.weight.dtype == torch.bfloat16

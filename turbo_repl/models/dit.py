@@ -17,6 +17,7 @@ call can replace any of them.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,30 +30,51 @@ SINUSOID_BASE = 10000.0
 
 
 # --------------------------------------------------------------------------------------------- norms
-# The memory-bound steps of a block, in plain torch. Each is one function with the signature of its fused GPU
-# kernel in `turbo_kernels.norms`, so that a kernel can take its place without touching the network.
+# The memory-bound steps of a block. On a GPU each is one fused Triton kernel of `turbo_kernels.norms` (same
+# numerics); elsewhere, or where Triton is missing, the plain torch below.
+
+@lru_cache(maxsize=1)
+def _fused_norms():
+    try:
+        from turbo_kernels import norms
+    except ImportError:
+        return None
+    return norms
+
+
+def _gpu_kernels(x: torch.Tensor):
+    return _fused_norms() if x.is_cuda else None
+
 
 def layernorm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm computed in float32 (affine in float32 too), rounded to x's dtype."""
+    if k := _gpu_kernels(x):
+        return k.layernorm(x, weight, bias, eps)
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
 def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
-    """adaLN of norm1 / norm2 / head: the rounded non-affine norm times (1 + scale) plus shift in float32,
-    rounded to x's dtype."""
+    """adaLN of norm1 / norm2: the rounded non-affine norm times (1 + scale) plus shift in float32, rounded to
+    x's dtype."""
+    if k := _gpu_kernels(x):
+        return k.modulated_layernorm(x, shift, scale, eps)
     return (layernorm(x, eps=eps).float() * (1 + scale) + shift).to(x.dtype)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the full width in float32, times the weight in float32, rounded to x's dtype."""
+    if k := _gpu_kernels(x):
+        return k.rmsnorm(x, weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                  eps: float = 1e-6) -> torch.Tensor:
     """q or k [B, L, H*D] -> RMSNorm (rounded), then interleaved-pair RoPE per head in float32 -> [B, L, H, D]."""
+    if k := _gpu_kernels(x):
+        return k.rmsnorm_rope(x, weight, cos, sin, num_heads, eps)
     B, L, _ = x.shape
     pairs = rmsnorm(x, weight, eps).view(B, L, num_heads, -1, 2).float()
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -267,7 +289,8 @@ class WanDiT(nn.Module):
 
     def place(self, device, dtype: torch.dtype | None) -> "WanDiT":
         """Move to `device` with floating tensors in `dtype` (None: as stored). Norm weights stay float32
-        (norms compute in float32, as TurboDiffusion's fast norms store them); int8 scales keep their dtype."""
+        (norms compute in float32, as TurboDiffusion's fast norms store them); 8-bit weights and their scales
+        keep their dtypes."""
         for module in self.modules():
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             for name, t in tensors:
@@ -280,8 +303,13 @@ class WanDiT(nn.Module):
         return self.eval().requires_grad_(False)
 
 
+_EIGHT_BIT = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _placed_dtype(module: nn.Module, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    if not t.is_floating_point() or (name == "scale" and hasattr(module, "int8_weight")):
+    # an 8-bit linear (int8 / fp8 weight buffers) keeps its weights and scales as they are; only its bias moves
+    eight_bit = any(b.dtype in _EIGHT_BIT for b in module.buffers(recurse=False))
+    if not t.is_floating_point() or t.dtype in _EIGHT_BIT or (eight_bit and name != "bias"):
         return t.dtype
     if isinstance(module, (RMSNorm, LayerNorm)):
         return torch.float32
