@@ -14,11 +14,11 @@ from turbo_repl.models.registry import ModelSpec, get_model
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -187,28 +187,31 @@ def _load_generated(spec: ModelSpec, device, dtype, on_device: bool) -> Componen
 
 
 def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> Components:
-    from turbo_repl.models.checkpoint import dit_from_checkpoint, fingerprint, load_into, read_state_dict
+    from turbo_repl.models.checkpoint import fingerprint, load_into, read_state_dict
     from turbo_repl.models.locate import locate
     from turbo_repl.models.t5 import TextEncoder, UMT5Encoder
     from turbo_repl.models.tokenizer import load_tokenizer
     from turbo_repl.models.vae import WanVAE
 
-    want_int8 = quant == "int8"
-    files = locate(spec.name, checkpoint_dir=checkpoint_dir, quant=want_int8)
+    files = locate(spec.name, checkpoint_dir=checkpoint_dir, quant=quant == "int8")
     te = spec.text_encoder
     with torch.device("meta"):
         encoder = UMT5Encoder(**te.arch)
-    encoder = load_into(encoder, read_state_dict(files.text_encoder), what=f"{spec.name} text encoder",
-                        path=files.text_encoder).eval()
-    text_encoder = TextEncoder(encoder, load_tokenizer(te.tokenizer, files.tokenizer), te.text_len)
-    # umT5-XXL is 11 GB in bf16: it stays on the GPU only when everything fits, else it encodes on the CPU
-    # (embeddings are cached per prompt, so that cost is paid once per prompt).
-    with torch.device("meta"):
         vae = WanVAE(**spec.vae.arch)
-    vae = load_into(vae, read_state_dict(files.vae), what="Wan VAE", path=files.vae).eval().to(device, dtype)
+    encoder = load_into(encoder, read_state_dict(files.text_encoder), what=f"{spec.name} text encoder",
+                        path=files.text_encoder).eval().to(dtype=dtype)
+    text_encoder = TextEncoder(encoder, load_tokenizer(te.tokenizer, files.tokenizer), te.text_len)
+    vae = load_into(vae, read_state_dict(files.vae), what=f"{spec.name} VAE", path=files.vae).eval().to(device, dtype)
 
     def experts(mode: str):
-        nets = [dit_from_checkpoint(spec.dit, path, device="cpu", dtype=dtype).eval() for path in files.dits]
+        """The DiT experts with their linears in `mode`: int8 from the -quant checkpoints, fp8 quantised from
+        the bf16 ones at load, off = the bf16 checkpoints as they are."""
+        paths = files.experts if files.quant == (mode == "int8") else locate(
+            spec.name, checkpoint_dir=checkpoint_dir, quant=mode == "int8").experts
+        # Two experts that do not both fit: the second waits in host memory until the switch.
+        sizes = [Path(paths[name]).stat().st_size for name in spec.experts]
+        placed = [device if i == 0 or _fits(sum(sizes), device) else "cpu" for i in range(len(sizes))]
+        nets = [_dit_from_file(spec, paths[name], dtype, where) for name, where in zip(spec.experts, placed)]
         if mode == "fp8":
             from turbo_repl.models.linear import convert_linears
 
@@ -216,19 +219,24 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
                 convert_linears(net, "fp8")
         return nets
 
-    nets = experts(quant if quant == "fp8" else "off")
-    net_bytes = sum(_module_bytes(n) for n in nets)
-    park = len(nets) == 2 and not _fits(net_bytes, device)
-    for net in (nets[:1] if park else nets):
-        net.to(device)
+    nets = experts(quant if quant in ("int8", "fp8") else "off")
+    park = any(next(n.parameters()).device.type != device.type for n in nets)
+    # umT5-XXL is 11 GB in bf16: it stays on the GPU only when it fits beside the rest, else it encodes on the
+    # CPU (embeddings are cached per prompt, so that cost is paid once per prompt).
     text_encoder.to(device if _fits(_module_bytes(encoder), device) else "cpu")
-    fingerprints = {name: fingerprint(p) for name, p in zip(spec.experts, files.dits)}
+    fingerprints = {name: fingerprint(files.experts[name]) for name in spec.experts}
     fingerprints.update(vae=fingerprint(files.vae), text_encoder=fingerprint(files.text_encoder))
-    loaded_quant = "int8" if any(hasattr(m, "int8_weight") for m in nets[0].modules()) else (
+    loaded = "int8" if any(hasattr(m, "int8_weight") for m in nets[0].modules()) else (
         "fp8" if quant == "fp8" else "off")
     sparse = any(getattr(m, "proj_l", None) is not None for m in nets[0].modules())
-    return Components(text_encoder, nets, vae, fingerprints=fingerprints, quant=loaded_quant, sparse=sparse,
+    return Components(text_encoder, nets, vae, fingerprints=fingerprints, quant=loaded, sparse=sparse,
                       park_idle_expert=park, reload=experts)
+
+
+def _dit_from_file(spec: ModelSpec, path, dtype, device):
+    from turbo_repl.models.checkpoint import dit_from_checkpoint
+
+    return dit_from_checkpoint(spec.dit, path, device=device, dtype=dtype, name=spec.name).eval()
 
 
 def _module_bytes(module) -> int:

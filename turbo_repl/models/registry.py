@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
+import os
+from pathlib import Path
+
 import yaml
 
 
@@ -54,10 +57,33 @@ def _ref(d: dict | None) -> CheckpointRef | None:
     return CheckpointRef(d["repo"], d["file"], d.get("quant_file")) if d else None
 
 
+def user_models_file() -> Path:
+    """Where a user describes models of their own (fine-tunes of a known architecture, local checkpoints):
+    `$TURBO_REPL_MODELS`, else `$XDG_CONFIG_HOME/turbo-repl/models.yaml`. Same format as configs/models.yaml."""
+    if os.environ.get("TURBO_REPL_MODELS"):
+        return Path(os.environ["TURBO_REPL_MODELS"])
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "turbo-repl" / "models.yaml"
+
+
 @lru_cache(maxsize=1)
 def _raw() -> dict:
-    text = resources.files("turbo_repl.configs").joinpath("models.yaml").read_text()
-    return yaml.safe_load(text)
+    raw = yaml.safe_load(resources.files("turbo_repl.configs").joinpath("models.yaml").read_text())
+    user = user_models_file()
+    if user.is_file():
+        try:
+            extra = yaml.safe_load(user.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{user} is not valid YAML ({e}); fix or remove it") from None
+        for section in ("text_encoders", "vaes", "dits", "models"):
+            raw[section].update(extra.get(section) or {})
+    return raw
+
+
+def reload() -> None:
+    """Forget what was read, so that a changed user models file is read again."""
+    _raw.cache_clear()
+    get_model.cache_clear()
 
 
 @lru_cache(maxsize=None)

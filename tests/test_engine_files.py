@@ -1,0 +1,70 @@
+"""The engine's checkpoint path: a model described in a user models file, loaded from a checkpoint folder in the
+reference formats, gives exactly the videos of the same weights built in."""
+
+import pytest
+import torch
+import yaml
+
+from turbo_repl.engine import Engine, Request
+from turbo_repl.models import registry
+from turbo_repl.settings import Settings
+
+PROMPT = "a lighthouse on a cliff at dusk, waves below"
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    """`my-tiny`: the tiny architecture, with its weights in files named as TurboDiffusion and Wan name theirs."""
+    builtin = Engine("tiny")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    c = builtin.components
+    torch.save(c.experts[0].state_dict(), folder / "my-dit.pth")
+    torch.save(c.vae.state_dict(), folder / "my-vae.pth")
+    torch.save(c.text_encoder.encoder.state_dict(), folder / "my-t5.pth")
+    tiny = registry.get_model("tiny")
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump({
+        "text_encoders": {"my-t5": {"arch": tiny.text_encoder.arch, "text_len": tiny.text_encoder.text_len,
+                                    "tokenizer": {"kind": "bytes"},
+                                    "checkpoint": {"repo": "me/t5", "file": "my-t5.pth"}}},
+        "vaes": {"my-vae": {"arch": tiny.vae.arch, "checkpoint": {"repo": "me/vae", "file": "my-vae.pth"}}},
+        "models": {"my-tiny": {"task": "t2v", "dit": tiny.dit_name, "text_encoder": "my-t5", "vae": "my-vae",
+                               "experts": {"main": {"repo": "me/dit", "file": "my-dit.pth"}},
+                               "defaults": tiny.defaults}},
+    }))
+    monkeypatch.setenv("TURBO_REPL_MODELS", str(models_file))
+    registry.reload()
+    yield builtin, folder
+    monkeypatch.delenv("TURBO_REPL_MODELS")
+    registry.reload()
+
+
+def test_user_model_loads_from_files_and_matches_builtin(user_model):
+    builtin, folder = user_model
+    engine = Engine("my-tiny", checkpoint_dir=folder)
+    assert engine.components.sparse            # proj_l keys in the file -> SLA modules
+    assert set(engine.info["checkpoints"]) == {"main", "vae", "text_encoder"}
+    s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "2", "attention": "sla"})
+    ours = engine.generate(Request(PROMPT, s, 9)).frames
+    assert torch.equal(ours, builtin.generate(Request(PROMPT, s, 9)).frames)
+
+
+def test_missing_checkpoint_names_the_file_and_the_command(user_model, tmp_path):
+    _, folder = user_model
+    (folder / "my-vae.pth").unlink()
+    with pytest.raises(ValueError, match="my-vae.pth.*turbo-repl download my-tiny"):
+        Engine("my-tiny", checkpoint_dir=folder)
+
+
+def test_broken_user_models_file_is_one_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models: [unclosed\n")
+    monkeypatch.setenv("TURBO_REPL_MODELS", str(bad))
+    registry.reload()
+    try:
+        with pytest.raises(ValueError, match="not valid YAML"):
+            registry.get_model("tiny")
+    finally:
+        monkeypatch.delenv("TURBO_REPL_MODELS")
+        registry.reload()
