@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class Engine:
         self.pipeline = pl.Pipeline(
             self.components.text_encoder, self.components.experts, self.components.vae,
             device=self.device, dtype=self.dtype, task=self.spec.task,
-            park_idle_expert=self.components.park_idle_expert)
+            park_idle_expert=self.components.park_idle_expert,
+            cuda_graphs=os.environ.get("TURBO_REPL_CUDA_GRAPHS", "1") != "0")
         self.load_seconds = time.perf_counter() - started
         self.info = {
             "model": self.spec.name,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from turbo_repl.engine import sampler
+from turbo_repl.engine.graphs import GraphedForward
 
 Checkpoint = Callable[[str, int, int], None]
 LATENT_CHANNELS = 16
@@ -75,12 +76,15 @@ def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 class Pipeline:
     def __init__(self, text_encoder, experts: list, vae, *, device, dtype: torch.dtype, task: str = "t2v",
-                 park_idle_expert=False, text_cache_size: int = 32):
+                 park_idle_expert=False, cuda_graphs: bool = True, text_cache_size: int = 32):
         self.text_encoder, self.experts, self.vae = text_encoder, experts, vae
+        self.device, self.dtype = torch.device(device), dtype
         self.is_i2v = task == "i2v"
         # With two experts that do not both fit on the GPU, the idle one waits in host memory.
         self.park_idle_expert = park_idle_expert
-        self.device, self.dtype = torch.device(device), dtype
+        # Experts that move between host and GPU cannot replay a graph captured at other addresses.
+        self.cuda_graphs = cuda_graphs and not park_idle_expert and self.device.type == "cuda"
+        self._graphed: dict[int, GraphedForward] = {}
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
 
@@ -108,14 +112,19 @@ class Pipeline:
         mask[:, :, 0] = 1
         return torch.cat([mask, latent], dim=1).repeat(job.samples, 1, 1, 1, 1)
 
-    def expert(self, index: int):
+    def forward(self, index: int):
+        """The callable that runs expert `index`: graphed on a GPU, moved in from host memory when parked."""
         net = self.experts[index]
         if self.park_idle_expert:
             for other in self.experts:
                 if other is not net:
                     other.to("cpu")
             net.to(self.device)
-        return net
+        if not self.cuda_graphs:
+            return net
+        if id(net) not in self._graphed:
+            self._graphed = {id(n): self._graphed.get(id(n)) or GraphedForward(n) for n in self.experts}
+        return self._graphed[id(net)]
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -137,7 +146,7 @@ class Pipeline:
         expert_of_step = sampler.expert_steps(times, job.boundary) if len(self.experts) == 2 else [0] * job.steps
 
         def velocity(x, timesteps, i):
-            return self.expert(expert_of_step[i])(x, timesteps, context, y)
+            return self.forward(expert_of_step[i])(x, timesteps, context, y)
 
         checkpoint("denoise", 0, job.steps)
         return sampler.sample(velocity, noise, steps=job.steps, sigma_max=job.sigma_max, ode=job.ode,
