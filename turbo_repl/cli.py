@@ -22,28 +22,29 @@ SUBCOMMANDS: dict[str | None, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `command` (None: the REPL's) — only that module is imported."""
     from turbo_repl import __version__
 
     parser = argparse.ArgumentParser(prog="turbo-repl", description="Few-step Wan video generation in a terminal.")
     parser.add_argument("--version", action="version", version=f"turbo-repl {__version__}")
-    importlib.import_module(SUBCOMMANDS[None][0]).add_arguments(parser)
+    if command is None:
+        importlib.import_module(SUBCOMMANDS[None][0]).add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if name is not None:
             sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=module)
+    if command is not None:
+        sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        importlib.import_module(SUBCOMMANDS[command][0]).add_arguments(sub_action.choices[command])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Subcommand parsers get their arguments only when chosen, so their imports stay lazy.
+    # The first word that names a subcommand chooses it (options come after it: `turbo-repl run --prompt …`).
     command = next((a for a in argv if a in SUBCOMMANDS), None)
-    if command is not None:
-        sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        importlib.import_module(SUBCOMMANDS[command][0]).add_arguments(sub_action.choices[command])
-    args = parser.parse_args(argv)
+    args = build_parser(command).parse_args(argv)
     module = importlib.import_module(getattr(args, "_module", SUBCOMMANDS[None][0]))
     try:
         return int(module.run(args) or 0)
