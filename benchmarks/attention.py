@@ -138,7 +138,11 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
         mode = "sagesla" if quantized else "sla"
         cfg = sla.default_config(q.dtype, quantized, bq, bk, D)
         cp = triton.cdiv(count, cfg["G"]) * cfg["G"]
-        ops = sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)
+        try:
+            ops = sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)
+        except Exception as e:   # noqa: BLE001
+            print({"shape": name, "what": f"{mode} prepare", "error": f"{type(e).__name__}: {e}"[:300]}, flush=True)
+            continue
         timings = {}
         if args.breakdown:
             timings["prepare (1-3)"] = lambda: sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)

@@ -157,5 +157,6 @@ def select_blocks(q: torch.Tensor, key_sums: torch.Tensor, key_mean: torch.Tenso
         H, L, n_qb, n_kb, count, count_pad,
         D=D, BLOCK_Q=block_q, BLOCK_K=block_k, QG=qg, KC=min(128, nkb_p2), NKB=nkb_p2,
         ROWS=max(1, min(qg, 8192 // nkb_p2)), PAD=max(1, triton.next_power_of_2(count_pad - count + 1)),
-        QUANT_Q=quantize_q, PRECISION="tf32x3", num_warps=8 if D * block_q >= 16384 else 4)
+        QUANT_Q=quantize_q, PRECISION="tf32x3", num_warps=8 if D * block_q >= 16384 else 4,
+        num_stages=1)                         # no multi-buffering: a [KC, D] float32 tile is 64 KB
     return (lut, q8, qscale) if quantize_q else lut
