@@ -58,8 +58,8 @@ def versions() -> dict[str, Any]:
             return None
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"turbo-repl": __version__, "torch": torch.__version__, "triton": version_of("triton"),
-            "python": platform.python_version(), "gpu": gpu}
+    return _jsonable({"turbo-repl": __version__, "torch": torch.__version__, "triton": version_of("triton"),
+            "python": platform.python_version(), "gpu": gpu})
 
 
 class Session:
@@ -232,9 +232,9 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
-    return str(value)
+    return str(value)   # also plain-str copies of str subclasses (torch's version string), for YAML
 
 
 def _quiet(stage: str, done: int, total: int) -> None:

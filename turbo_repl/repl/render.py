@@ -75,7 +75,7 @@ def settings_help(defaults: Settings) -> Table:
 
 
 def setting_help(s: Setting, defaults: Settings) -> str:
-    aliases = f"  (also: {', '.join(s.aliases)})" if s.aliases else ""
+    aliases = f" (also: {', '.join(s.aliases)})" if s.aliases else ""
     return (f"[bold]{s.name}[/]{escape(aliases)}: {escape(s.help)}\n"
             f"  values: {escape(s.values)}   default: {escape(s.text(getattr(defaults, s.name)))}")
 

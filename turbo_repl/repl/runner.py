@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 def in_worker(console: Console, work: Callable[[render.ProgressDisplay, threading.Event], T]) -> T:
     """`work(progress, cancel)` in a thread; Ctrl-C sets `cancel` and waits for the work to stop."""
-    cancel = threading.Event()
+    cancel, done = threading.Event(), threading.Event()
     outcome: dict = {}
 
     def target() -> None:
@@ -25,13 +25,15 @@ def in_worker(console: Console, work: Callable[[render.ProgressDisplay, threadin
             outcome["value"] = work(display, cancel)
         except BaseException as e:  # noqa: BLE001 - handed back to the main thread as is
             outcome["error"] = e
+        finally:
+            done.set()
 
     with render.ProgressDisplay(console) as display:
-        worker = threading.Thread(target=target, name="turbo-repl-run", daemon=True)
-        worker.start()
-        while worker.is_alive():
+        # Waiting on an Event, not Thread.join: an interrupted join can leave is_alive() wrong (CPython < 3.13).
+        threading.Thread(target=target, name="turbo-repl-run", daemon=True).start()
+        while not done.is_set():
             try:
-                worker.join(0.05)
+                done.wait(0.05)
             except KeyboardInterrupt:
                 if not cancel.is_set():
                     cancel.set()
