@@ -46,7 +46,7 @@ def test_run_makes_one_video_and_records_it(made):
     assert output in result.stdout
     assert "untrained weights: its videos are noise" in result.stderr
     versions = record["versions"]
-    assert versions["turbo-repl"] and versions["torch"] and "gpu" in versions
+    assert versions["turbo_repl"] and versions["torch"] and "triton" in versions and "gpu" in versions
     assert record["info"]["checkpoints"]
 
 

@@ -132,6 +132,11 @@ def find_run(records: list[dict], id_prefix: str, where: str) -> dict:
 
 # --- session files -----------------------------------------------------------------------------------------
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:   # write shared values out in full, never as &anchors
+        return True
+
+
 SESSION_HEADER = "# turbo-repl session: regenerate and compare with `turbo-repl replay {path}`\n"
 
 
@@ -141,7 +146,7 @@ def write_session(path: Path, records: list[dict]) -> None:
     if path.exists():
         raise HistoryError(f"{path} exists; choose another name or delete it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = SESSION_HEADER.format(path=path) + yaml.safe_dump(records, sort_keys=False, allow_unicode=True)
+    text = SESSION_HEADER.format(path=path) + yaml.dump(records, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
 

@@ -9,7 +9,6 @@ settings, and the history file every run is recorded in.
 
 from __future__ import annotations
 
-import platform
 import secrets
 import threading
 import time
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from turbo_repl import __version__
 from turbo_repl.engine.types import Cancelled, Request
 from turbo_repl.history import History, new_run_id, now
 from turbo_repl.settings import Settings, SettingError, lookup
@@ -46,22 +44,6 @@ class Verdict:
         return self.status in ("identical", "unchecked")
 
 
-def versions() -> dict[str, Any]:
-    from importlib import metadata
-
-    import torch
-
-    def version_of(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return _jsonable({"turbo-repl": __version__, "torch": torch.__version__, "triton": version_of("triton"),
-            "python": platform.python_version(), "gpu": gpu})
-
-
 class Session:
     def __init__(self, engine, model: str, history: History, defaults: Settings | None = None):
         self.engine = engine
@@ -70,7 +52,6 @@ class Session:
         self.defaults = defaults if defaults is not None else Settings.defaults(model)
         self.settings = self.defaults
         self.runs: list[dict] = []            # this session's records, for :save
-        self._versions: dict | None = None
 
     # --- settings ---------------------------------------------------------------------------------------
 
@@ -101,7 +82,7 @@ class Session:
         settings = settings.with_value("seed", seed)
         run_id = new_run_id()
         record = {"id": run_id, "prompt": prompt, "model": self.model, "seed": seed, "seed_drawn": drawn,
-                  "settings": settings.to_dict(), "versions": self._run_versions()}
+                  "settings": settings.to_dict(), "versions": self._versions()}
         record.update(self.history.start(record))
         try:
             paths = output_paths(settings.output, samples=settings.samples, seed=seed, prompt=prompt,
@@ -111,7 +92,7 @@ class Session:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             record.update(frames_sha256=frames_digest(video.frames), frames_shape=list(video.frames.shape),
-                          info=_jsonable(video.info), outputs=[str(p) for p in paths])
+                          info=_jsonable({k: v for k, v in video.info.items() if k != "versions"}), outputs=[str(p) for p in paths])
             timings = dict(video.timings)
             start = time.perf_counter()
             if progress:
@@ -154,10 +135,9 @@ class Session:
             except VideoError as e:
                 raise RunError(str(e)) from None
 
-    def _run_versions(self) -> dict:
-        if self._versions is None:
-            self._versions = versions()
-        return self._versions
+    def _versions(self) -> dict:
+        info = getattr(self.engine, "info", {})
+        return _jsonable({**info.get("versions", {}), "gpu": info.get("gpu")})
 
     # --- replay -----------------------------------------------------------------------------------------
 
@@ -215,7 +195,7 @@ def compare(record: dict, frames, fps: int) -> Verdict:
         total += diff.size
     fraction = differing / total
     return Verdict(run_id, "differs", f"frames hash differs; after H.264: max abs difference {max_diff}/255, "
-                                      f"{fraction:.1%} of pixels differ", max_diff, fraction)
+                                      f"{fraction * 100:.3g}% of pixels differ", max_diff, fraction)
 
 
 def _task_of(model: str) -> str | None:

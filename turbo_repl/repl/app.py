@@ -117,6 +117,17 @@ def input_history(path: Path, console: Console) -> History:
         return InMemoryHistory()
 
 
+def attention_choice(session: Session) -> tuple[str, str] | None:
+    """The attention backend the current settings resolve to here, and why (for the start panel)."""
+    from turbo_repl.engine.backends import choose_attention
+
+    try:
+        return choose_attention(session.settings.attention, session.engine.device,
+                                session.engine.info["sparse_checkpoint"])
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     except UsageError as e:
         render.error(Console(stderr=True, highlight=False), str(e))
         return 2
-    console.print(render.start_panel(session.engine.info, choice.reason))
+    console.print(render.start_panel(session.engine.info, choice.reason, attention_choice(session)))
     repl = Repl(session, console)
     if stdin.isatty():
         return repl.interactive(input_history(config["input_history"], console))

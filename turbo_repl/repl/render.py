@@ -25,21 +25,22 @@ def note(console: Console, message: str) -> None:
 
 # --- start ---------------------------------------------------------------------------------------------------
 
-def start_panel(info: dict, reason: str) -> Panel:
-    """Model, device and the backends chosen (and why), from `engine.info`."""
-    lines = [f"[bold]model[/]   {escape(str(info.get('model')))}  [dim]({escape(reason)})[/]",
-             f"[bold]device[/]  {escape(str(info.get('device')))}  [dim]{escape(str(info.get('dtype', '')))}[/]"]
-    skip = {"model", "device", "dtype", "task", "builtin", "checkpoints", "load_seconds"}
-    for key, value in info.items():
-        if key not in skip and not isinstance(value, (dict, list)):
-            lines.append(f"[dim]{escape(key.replace('_', ' '))}[/]  {escape(str(value))}")
-    if info.get("load_seconds") is not None:
-        lines.append(f"[dim]loaded in {info['load_seconds']:.1f} s[/]")
+def start_panel(info: dict, reason: str, attention: tuple[str, str] | None = None) -> Panel:
+    """Model, device and the backends chosen (and why), from `engine.info`; `attention` is (mode, why)."""
+    task = {"t2v": "text-to-video", "i2v": "image-to-video"}.get(info.get("task"), info.get("task"))
+    rows = [("model", f"{info.get('model')} · {task}", reason),
+            ("device", f"{info.get('gpu') or info.get('device')} · {info.get('dtype', '')}", "")]
+    if attention:
+        rows.append(("attention", attention[0], attention[1]))
+    rows.append(("linear layers", {"off": "unquantised"}.get(info.get("quant"), info.get("quant")), ""))
+    versions = info.get("versions") or {}
+    rows.append(("versions", " · ".join(f"{k} {v}" for k, v in versions.items() if v), ""))
+    lines = [f"[bold]{name:<13}[/] {escape(str(value))}" + (f"  [dim]({escape(why)})[/]" if why else "")
+             for name, value, why in rows]
     if info.get("builtin"):
-        lines.append("")
-        lines.append("[yellow]This is the built-in tiny model: its weights are untrained, so its videos are noise.[/]")
-        lines.append("[yellow]For real videos: [bold]turbo-repl download wan2.1-1.3b[/], then "
-                     "[bold]turbo-repl --model wan2.1-1.3b[/] (needs a GPU).[/]")
+        lines += ["", "[yellow]This is the built-in tiny model: its weights are untrained, so its videos are noise.",
+                  "For real videos: [bold]turbo-repl download wan2.1-1.3b[/], then [bold]turbo-repl --model "
+                  "wan2.1-1.3b[/] (on a GPU).[/]"]
     lines.append("[dim]Type a prompt to make a video; :help lists commands and settings; Ctrl-D quits.[/]")
     return Panel("\n".join(lines), title="turbo-repl", title_align="left", expand=False)
 
