@@ -179,3 +179,47 @@ def test_samples_write_one_file_each_and_history_lists_runs(repl):
     printed = repl.type(":history 5")
     assert record["id"] in printed and "finished" in printed and "two foxes" in printed
     assert json.loads((repl.tmp / "out" / "5-two-foxes-s1.json").read_text())["id"] == record["id"]
+
+
+def test_an_unreadable_image_is_refused_when_set(repl):
+    (repl.tmp / "notes.png").write_text("not a picture")
+    errors = error_lines(repl.type(":image notes.png"))
+    assert errors == ["error: notes.png is not an image PIL can read (use PNG, JPEG or WebP)"]
+    assert repl.session.settings.image is None
+
+
+def test_toolbar_shows_the_model_and_changed_settings_in_bold(repl):
+    from prompt_toolkit.formatted_text import to_formatted_text
+
+    from turbo_repl.repl.toolbar import toolbar
+
+    repl.type(":set steps 3")
+    fragments = to_formatted_text(toolbar(repl.session))
+    text = "".join(t for _, t in fragments)
+    assert "tiny" in text and "224×128 16:9" in text and "steps 3" in text and "frames 17" in text
+    bold = [t for style, t in fragments if "class:b" in style]
+    assert "steps 3" in bold and "frames 17" not in bold
+
+
+@pytest.fixture(scope="module")
+def i2v_engine():
+    return Engine("tiny-i2v", device="cpu")
+
+
+def test_image_to_video_records_the_image_and_replays(i2v_engine, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    driven = Driven(i2v_engine, tmp_path)
+    driven.session.model = "tiny-i2v"
+    errors = error_lines(driven.type(":set frames 5", "a boat without an image"))
+    assert errors == ["error: tiny-i2v makes video from an image: give one with :image PATH"]
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(tmp_path / "first.png")
+    assert error_lines(driven.type(":image first.png", ":set seed 9", "a red boat sets sail")) == []
+    (record,) = driven.records()
+    assert record["status"] == "finished" and record["settings"]["image"] == "first.png"
+    assert len(record["image_sha256"]) == 64
+    assert driven.session.replay(record).status == "identical"
+    Image.new("RGB", (300, 200), (40, 40, 200)).save(tmp_path / "first.png")
+    verdict = driven.session.replay(record)
+    assert verdict.status == "failed" and "not the image this run was made from" in verdict.detail

@@ -19,8 +19,8 @@ from typing import Any, Callable
 from turbo_repl.engine.types import Cancelled, Request
 from turbo_repl.history import History, new_run_id, now
 from turbo_repl.settings import Settings, SettingError, lookup
-from turbo_repl.video import VideoError, check_writable, frames_digest, load_image, output_paths, read_frames, \
-    roundtrip, write_mp4
+from turbo_repl.video import VideoError, check_writable, file_digest, frames_digest, load_image, output_paths, \
+    read_frames, roundtrip, write_mp4
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -57,7 +57,10 @@ class Session:
 
     def set(self, name: str, text: str) -> str:
         """Change one setting (validated; nothing changes on error). Returns its canonical name."""
-        self.settings = self.settings.with_value(name, text)
+        settings = self.settings.with_value(name, text)
+        if lookup(name).name == "image" and settings.image is not None:
+            load_image(settings.image)   # an unreadable image is refused now, not at the next run
+        self.settings = settings
         return lookup(name).name
 
     def reset(self, name: str | None = None) -> None:
@@ -83,6 +86,8 @@ class Session:
         run_id = new_run_id()
         record = {"id": run_id, "prompt": prompt, "model": self.model, "seed": seed, "seed_drawn": drawn,
                   "settings": settings.to_dict(), "versions": self._versions()}
+        if settings.image is not None:
+            record["image_sha256"] = file_digest(settings.image)
         record.update(self.history.start(record))
         try:
             paths = output_paths(settings.output, samples=settings.samples, seed=seed, prompt=prompt,
@@ -156,6 +161,8 @@ class Session:
                 seed = secrets.randbelow(2**31)
             settings = settings.with_value("seed", seed)
             self._check_inputs(settings)
+            if record.get("image_sha256") and file_digest(settings.image) != record["image_sha256"]:
+                raise RunError(f"{settings.image} is not the image this run was made from (its sha256 differs)")
             video = self.engine.generate(Request(record["prompt"], settings, int(seed)), progress or _quiet,
                                          cancel or _NEVER)
         except Cancelled:

@@ -33,6 +33,11 @@ def frames_digest(frames) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (the I2V input image), as hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 # --- output paths ------------------------------------------------------------------------------------------
 
 def slug(prompt: str, words: int = 6) -> str:

@@ -42,6 +42,8 @@ class Repl:
             run_line(self, line)
         except Quit:
             return False
+        except KeyboardInterrupt:
+            render.note(self.console, "interrupted")
         except (ValueError, RunError, MemoryError) as e:
             render.error(self.console, str(e))
             self.failures += 1
