@@ -29,14 +29,15 @@ def compile_gemm(fp8: bool, cfg: dict, **flags):
              "stride_bn", "stride_cm", "stride_asm", "stride_bsn", "stride_csm"]
     op = "*fp8e4nv" if fp8 else "*i8"
     out = ("*fp8e4nv" if flags.get("FP8_OUT") else "*i8") if flags.get("OUT_Q") else "*bf16"
-    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 9
+    names += ["bound_coef", "bound_bias"]
+    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 9 + ["fp32"] * 2
     sig = dict(zip(names, types))
     const = dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                 FP8_OUT=False, EVEN_K=True, GROUP_M=8)
+                 FP8_OUT=False, ROW_BOUND=False, EVEN_K=True, GROUP_M=8)
     const.update(flags)
     const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     sig.update({k: "constexpr" for k in const})
-    aligned = [i for i, n in enumerate(names) if n not in ("M", "stride_asm", "stride_csm")]
+    aligned = [i for i, n in enumerate(names) if n not in ("M", "stride_asm", "stride_csm", "bound_coef", "bound_bias")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn=_gemm8_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -71,6 +72,7 @@ def variants():
         "int8 pc a-grouped": (False, "per_k", dict(A_GROUPED=True)),
         "fp8": (True, "coarse", {}),
         "fp8 gelu->fp8": (True, "coarse", dict(GELU=True, OUT_Q=True, FP8_OUT=True)),
+        "fp8 gelu->fp8 bounded": (True, "coarse", dict(GELU=True, OUT_Q=True, FP8_OUT=True, ROW_BOUND=True)),
         "fp8 a-grouped": (True, "per_k", dict(A_GROUPED=True)),
     }
     for name, (fp8, cands, flags) in flavours.items():

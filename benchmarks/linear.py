@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from turbo_kernels.gemm8 import gemm8, gemm8_ref  # noqa: E402
+from turbo_kernels.gemm8 import gemm8, gemm8_ref, output_bound  # noqa: E402
 from turbo_kernels.norms import layernorm_ref, layernorm_triton, rmsnorm_rope_ref, rmsnorm_rope_triton  # noqa: E402
 from turbo_kernels.quant8 import quantize_rows, quantize_rows_ref, quantize_tiles_ref  # noqa: E402
 
@@ -52,7 +52,8 @@ def C(bm, bn, bk, w, s, g=8):
 
 # tile configurations tried by --sweep (every one compiles without spills for sm_90: benchmarks/aot_linear.py)
 CANDIDATES = {
-    "coarse": [C(128, 256, 128, 8, 3), C(128, 128, 128, 4, 4), C(256, 128, 128, 8, 3), C(128, 256, 64, 8, 4)],
+    "coarse": [C(128, 256, 128, 8, 3), C(128, 128, 128, 4, 4), C(256, 128, 128, 8, 3), C(128, 256, 64, 8, 4),
+               C(128, 256, 128, 8, 4), C(128, 256, 128, 8, 3, g=16)],
     "per_k": [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 3), C(64, 128, 128, 4, 4)],
 }
 
@@ -89,6 +90,7 @@ class Layer:
         self.pc = quantize_rows_ref(self.w, "int8")          # int8, per output channel
         self.f8 = quantize_rows_ref(self.w, "fp8")           # e4m3, per output channel
         self.f8t = self.f8[0].t()                            # column-major view for torch._scaled_mm
+        self.f8_bound = output_bound(*self.f8, self.b, "fp8")  # per-token FP8 output scales (ffn.0)
 
     def weights(self, kind):
         return {"int8-td": self.td, "int8-pc": self.pc, "fp8": self.f8}[kind]
@@ -163,7 +165,8 @@ class Pipelines:
 
         outs = [lin("q", h1), lin("k", h1), lin("v", h1), lin("o", a_o), lin("cq", h3),
                 lin("ck", a_ctx), lin("cv", a_ctx), lin("co", a_co)]
-        hid = lin("f0", h2, gelu=True, out=fmt)
+        bound = {"out_bound": L["f0"].f8_bound} if kind == "fp8" else {}
+        hid = lin("f0", h2, gelu=True, out=fmt, **bound)
         return outs, hid, lin("f2", hid)
 
     # ---- torch._scaled_mm
@@ -211,7 +214,7 @@ def errors(pl: Pipelines, name: str, rows: int) -> dict:
         outs, hid, _ = sub.ours(name)
         f0 = deq(hid)
         fmt = "fp8" if name == "fp8" else "int8"
-        hq = quantize_rows(sub.inp["hid"], fmt, group=128)
+        hq = quantize_rows(sub.inp["hid"], fmt, group=None if fmt == "fp8" else 128)   # as the pipeline does
         w, ws = L["f2"].weights(name)
         f2 = gemm8(hq[0], hq[1], w, ws, L["f2"].b)
     return {"q": rel(outs[0], q_ref), "ffn0+gelu": rel(f0, f0_ref), "ffn2": rel(f2, f2_ref)}
@@ -253,14 +256,47 @@ def check_kernels(device, log):
     cos, sin = r(150, 64).cos(), r(150, 64).sin()
     wn = 1 + 0.1 * r(1536)
     res["rmsnorm+rope rel"] = rel(rmsnorm_rope_triton(xs3, wn, cos, sin, 12), rmsnorm_rope_ref(xs3, wn, cos, sin, 12))
+    bd = output_bound(*wf8, b, "fp8")
+    xq, xs = quantize_rows_ref(x, "fp8")
+    y = gemm8(xq, xs, *wf8, b, gelu=True, out="fp8", out_bound=bd)
+    yr = gemm8_ref(xq, xs, *wf8, b, gelu=True, out="fp8", out_bound=bd)
+    res["gemm fp8 gelu out=fp8 bounded rel"] = rel(deq(y), deq(yr))
+    res.update(check_modules(device))
     for k, v in res.items():
         log(f"  {k:55s} {v:.3g}")
     return res
 
 
+def check_modules(device):
+    """The nn.Module layer on this device: 8-bit linears against float32, pre-quantised inputs, fused FFN."""
+    from turbo_repl.models.linear import Fp8Linear, Int8Linear, feed_forward
+
+    g = torch.Generator(device=device).manual_seed(3)
+    res = {}
+    x = (torch.randn(2, 300, 1536, device=device, generator=g) + 0.2).to(torch.bfloat16)
+    mod = dict(shift=0.1 * torch.randn(2, 1, 1536, device=device, generator=g),
+               scale=0.1 * torch.randn(2, 1, 1536, device=device, generator=g))
+    lin0 = torch.nn.Linear(1536, 4096, device=device, dtype=torch.bfloat16).requires_grad_(False)
+    lin2 = torch.nn.Linear(4096, 1536, device=device, dtype=torch.bfloat16).requires_grad_(False)
+    ffn = torch.nn.Sequential(lin0, torch.nn.GELU(approximate="tanh"), lin2)
+    h = layernorm_triton(x, **mod)
+    ref = F.linear(h.float(), lin0.weight.float(), lin0.bias.float())
+    ref_ffn = F.linear(F.gelu(ref, approximate="tanh"), lin2.weight.float(), lin2.bias.float())
+    for cls in (Int8Linear, Fp8Linear):
+        a, c = cls.from_linear(lin0), cls.from_linear(lin2)
+        name = cls.__name__
+        res[f"{name} input_format is {a.fmt}"] = float(a.input_format == a.fmt)
+        res[f"{name} rel vs fp32"] = rel(a(h), ref)
+        res[f"{name} pair input == tensor input"] = float(torch.equal(a(layernorm_triton(x, out=a.fmt, **mod)), a(h)))
+        res[f"{name} fused ffn rel vs fp32"] = rel(feed_forward(torch.nn.Sequential(a, ffn[1], c), h), ref_ffn)
+        a.mode = "reference"
+        res[f"{name} reference mode rel vs fp32"] = rel(a(h), ref)
+    return res
+
+
 # --------------------------------------------------------------------------------------------- main
 
-def sweep(layers, M, Mt, smoke, log):
+def sweep(layers, M, Mt, smoke, log, kinds=()):
     """Best tile configuration per (kind, per_k, fused epilogue) and GEMM shape."""
     best = {}
     g = torch.Generator(device=layers["q"].w.device).manual_seed(2)
@@ -275,7 +311,10 @@ def sweep(layers, M, Mt, smoke, log):
             w, ws = lay.weights(kind)
             a_tok = quantize_rows(x, fmt)
             a_grp = quantize_rows(x, fmt, 128)
-            cases = [(a_tok, {}), (a_grp, {})] if N < K else [(a_tok, {}), (a_tok, dict(gelu=True, out=fmt))]
+            epi = dict(gelu=True, out=fmt, **({"out_bound": lay.f8_bound} if kind == "fp8" else {}))
+            cases = [(a_tok, {}), (a_grp, {})] if N < K else [(a_tok, {}), (a_tok, epi)]
+            if kinds and kind not in kinds:
+                continue
             for a, kw in cases:
                 per_k = ws.dim() == 2 or a[1].dim() == 2
                 key = (kind, per_k, bool(kw))
@@ -298,8 +337,11 @@ def sweep(layers, M, Mt, smoke, log):
                 best[(key, rows, N, K)] = cfg
                 tf = 2 * rows * N * K / (t * 1e-3) / 1e12 if t == t else float("nan")
                 t_bf = bench(lambda: F.linear(x, lay.w, lay.b), smoke)
+                t_mm = bench(lambda: torch._scaled_mm(a_tok[0], lay.f8t, scale_a=a_tok[1][:, None],
+                                                      scale_b=lay.f8[1][None, :], bias=lay.b,
+                                                      out_dtype=torch.bfloat16), smoke) if kind == "fp8" else 0
                 log(f"  {rows:6d}x{K:5d}->{N:5d} {kind:8s} per_k={per_k!s:5} epi={bool(kw)!s:5} best {t:7.3f} ms "
-                    f"({tf:6.0f} TOPS) default {t_def:7.3f}  bf16 {t_bf:7.3f}  cfg {cfg}  all "
+                    f"({tf:6.0f} TOPS) default {t_def:7.3f}  bf16 {t_bf:7.3f}  scaled_mm {t_mm:7.3f}  cfg {cfg}  all "
                     f"{[round(tt, 3) for tt, _ in timings]}")
     return best
 
@@ -344,6 +386,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-kinds", default="", help="comma list of int8-td,int8-pc,fp8 (default: all)")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny shapes, checks only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -376,7 +419,7 @@ def main():
             dim, ffn, M = MODELS[name]
             log(f"\nsweep {name}:")
             layers, _ = make_block(dim, ffn, device)
-            configs = sweep(layers, M, TEXT, args.smoke, log)
+            configs = sweep(layers, M, TEXT, args.smoke, log, [k for k in args.sweep_kinds.split(",") if k])
             results["sweep"][name] = {repr(k): v for k, v in configs.items()}
             del layers
         results["models"][name] = run_model(name, device, configs, args.smoke, log)

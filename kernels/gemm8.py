@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .quant8 import DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles, quantize_rows_ref, \
-    quantize_tiles_ref, quantize_values
+    quantize_tiles_ref, quantize_values, round_to_format
 
 GELU_C = 0.7978845608028654     # sqrt(2 / pi)
 
@@ -36,14 +36,16 @@ GELU_C = 0.7978845608028654     # sqrt(2 / pi)
 def _gelu_tanh(y):
     # 0.5 * y * (1 + tanh(u)) == y * sigmoid(2u), u = sqrt(2/pi) * (y + 0.044715 y^3)
     u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-    return y / (1.0 + tl.exp(-2.0 * u))
+    return y / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))     # (capped: exp would overflow past ~88)
 
 
 @triton.jit
 def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
                   M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm,
+                  bound_coef, bound_bias,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
+                  ROW_BOUND: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
@@ -98,27 +100,35 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
         y = _gelu_tanh(y)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    if OUT_Q:  # 8-bit output, one scale per (row, 128 columns)
+    if OUT_Q:
         QMAX: tl.constexpr = 448.0 if FP8_OUT else 127.0
-        G: tl.constexpr = BLOCK_N // 128
-        y = tl.where(rn[None, :] < N, y, 0.0)
-        y3 = tl.reshape(y, (BLOCK_M, G, 128))
-        amax = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-8)
-        q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
-        tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)), mask=mask)
-        g = pid_n * G + tl.arange(0, G)
-        tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], amax / QMAX,
-                 mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
+        if ROW_BOUND:  # one scale per row, from a bound on the row's values known before the GEMM
+            bound = tl.maximum(bound_coef * tl.load(as_ptr + am) + bound_bias, 0.2)
+            tl.store(c_ptrs, quantize_values(y, (QMAX / bound)[:, None], FP8_OUT), mask=mask)
+            if pid_n == 0:
+                tl.store(cs_ptr + rm, bound / QMAX, mask=rm < M)
+        else:          # one scale per (row, 128 columns)
+            G: tl.constexpr = BLOCK_N // 128
+            y = tl.where(rn[None, :] < N, y, 0.0)
+            y3 = tl.reshape(y, (BLOCK_M, G, 128))
+            amax = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-8)
+            q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
+            tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)), mask=mask)
+            g = pid_n * G + tl.arange(0, G)
+            tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], amax / QMAX,
+                     mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
     else:
         tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(M: int, N: int, K: int, per_k: bool) -> dict:
-    """Tile shapes for Hopper-class GPUs (see benchmarks/notes-linear.md for the measurements)."""
-    if M <= 1024 or N <= 512:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    if per_k:  # float32 accumulator + the per-step product in registers: stay at 128x128 per 4 warps
+def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool) -> dict:
+    """Tile shapes measured best on an H100 (benchmarks/notes-linear.md)."""
+    if M <= 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if a_grouped and not b_blocked:
+        return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -134,9 +144,12 @@ def _scale_kind(scale: torch.Tensor, rows: int, K: int, what: str, grouped_rows:
 
 def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
           bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16, gelu: bool = False,
-          out: str | None = None, config: dict | None = None):
+          out: str | None = None, out_bound: tuple[float, float] | None = None, config: dict | None = None):
     """a [M, K], b [N, K] (both int8 or both float8_e4m3fn) -> y [M, N] `out_dtype`, or, with `out` = "int8" |
-    "fp8", the pair (y_q [M, N], y_scale [M, ceil(N/128)]) quantised per (token, 128 columns)."""
+    "fp8", the pair (y_q [M, N], y_scale): quantised per (token, 128 columns), y_scale [M, ceil(N/128)] — or,
+    given `out_bound` = (coef, bias_amax) from `output_bound`, per token with y_scale [M] = max(coef *
+    a_scale + bias_amax, 0.2) / QMAX, a bound on the row's outputs known before the GEMM (meant for FP8, whose
+    precision is relative: a loose scale costs it nothing; and a_scale must be per token)."""
     if a.dtype != b.dtype or a.dtype not in DTYPES.values():
         raise ValueError(f"gemm8 takes two int8 or two float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
     M, K = a.shape
@@ -145,37 +158,52 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         raise ValueError(f"inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
     a_grouped = _scale_kind(a_scale, M, K, "activation", M)
     b_blocked = _scale_kind(b_scale, N, K, "weight", triton.cdiv(N, TILE))
-    cfg = dict(config or default_config(M, N, K, a_grouped or b_blocked))
+    cfg = dict(config or default_config(M, N, K, a_grouped, b_blocked))
     if (a_grouped or b_blocked) and cfg["BLOCK_K"] != TILE:
         raise ValueError(f"grouped scales need BLOCK_K == {TILE}")
     if out is not None:
         check_format(out)
         if cfg["BLOCK_N"] % TILE:
             raise ValueError(f"an 8-bit output needs BLOCK_N a multiple of {TILE}")
+    if out_bound is not None and (out is None or a_grouped):
+        raise ValueError("out_bound needs an 8-bit `out` and per-token activation scales")
     a, b = a.contiguous(), b.contiguous()
     a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
     c = torch.empty((M, N), dtype=DTYPES[out] if out else out_dtype, device=a.device)
-    cs = torch.empty((M, triton.cdiv(N, TILE)), dtype=torch.float32, device=a.device) if out else c
+    cs_shape = (M,) if out_bound is not None else (M, triton.cdiv(N, TILE))
+    cs = torch.empty(cs_shape, dtype=torch.float32, device=a.device) if out else c
+    coef, bias_amax = out_bound if out_bound is not None else (0.0, 0.0)
     if M and N:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _gemm8_kernel[grid](
             a, b, c, a_scale, b_scale, bias if bias is not None else a_scale, cs,
             M, N, K, a.stride(0), b.stride(0), c.stride(0),
-            a_scale.stride(0), b_scale.stride(0), cs.stride(0),
+            a_scale.stride(0), b_scale.stride(0), cs.stride(0), float(coef), float(bias_amax),
             FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
             HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
-            EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+            ROW_BOUND=out_bound is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
     return (c, cs) if out else c
+
+
+def output_bound(b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None, a_fmt: str) -> tuple[float, float]:
+    """(coef, bias_amax) with |y[m, n]| <= coef * a_scale[m] + bias_amax for any activation row quantised per
+    token in `a_fmt` (|a_q| <= QMAX): Cauchy-Schwarz, ||a_m|| <= sqrt(K) * QMAX * a_scale[m], times the largest
+    weight row norm. GELU keeps |y| under max(|y|, 0.17), hence the 0.2 floor in the epilogue."""
+    w = b.float() * (expand_tiles(b_scale, b.shape[0]).repeat_interleave(TILE, 1)[:, : b.shape[1]]
+                     if b_scale.dim() == 2 else b_scale.float()[:, None])
+    coef = b.shape[1] ** 0.5 * QMAX[a_fmt] * w.norm(dim=1).max().item()
+    return coef, (bias.float().abs().max().item() if bias is not None else 0.0)
 
 
 # --------------------------------------------------------------------------------------------- references
 
 def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
     """The GELU (tanh form) of the epilogue, written the same way (equal to F.gelu(approximate='tanh'))."""
-    return y / (1.0 + torch.exp(-2.0 * GELU_C * (y + 0.044715 * y * y * y)))
+    return y / (1.0 + torch.exp((-2.0 * GELU_C * (y + 0.044715 * y * y * y)).clamp_max(80.0)))
 
 
-def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None):
+def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None,
+              out_bound=None):
     """Plain-torch `gemm8`: the same scales, the same order of float32 operations, products exact."""
     M, K = a.shape
     N = b.shape[0]
@@ -201,6 +229,9 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
         acc = acc + bias.float()
     if gelu:
         acc = gelu_tanh_ref(acc)
+    if out and out_bound is not None:
+        bound = (out_bound[0] * a_scale.float() + out_bound[1]).clamp_min(0.2)
+        return round_to_format(acc * (bound.new_tensor(QMAX[out]) / bound)[:, None], out), bound / QMAX[out]
     return quantize_rows_ref(acc, out, group=TILE) if out else acc.to(out_dtype)
 
 
@@ -217,4 +248,5 @@ def int8_linear_tiles_ref(x: torch.Tensor, int8_weight: torch.Tensor, scale: tor
     return y.view(*x.shape[:-1], -1)
 
 
-__all__ = ["gemm8", "gemm8_ref", "int8_linear_tiles_ref", "gelu_tanh_ref", "default_config", "FORMATS", "QMAX"]
+__all__ = ["gemm8", "gemm8_ref", "output_bound", "int8_linear_tiles_ref", "gelu_tanh_ref", "default_config",
+           "FORMATS", "QMAX"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref
+from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref, output_bound
 from turbo_kernels.quant8 import TILE, quantize_rows, quantize_rows_ref, quantize_tiles_ref
 
 QUANT_MODES = ("int8", "fp8")
@@ -81,24 +81,34 @@ class Linear8(nn.Module):
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
             lead, out_dtype = x.shape[:-1], x.dtype
+            x2 = x.reshape(-1, self.in_features)
             if not self.uses_triton() and self.fmt == "int8":   # TurboDiffusion's own arithmetic
-                y = int8_linear_tiles_ref(x, weight, w_scale, self.bias)
+                y = int8_linear_tiles_ref(x2, weight, w_scale, self.bias)
                 if gelu:
                     y = F.gelu(y, approximate="tanh")
-                return _split(quantize_rows_ref(y, out, group=TILE), lead) if out else y
-            quantize = quantize_rows if self.uses_triton() else quantize_rows_ref
-            x_q, x_scale = quantize(x.reshape(-1, self.in_features), self.fmt)
+                return _split(quantize_rows_ref(y, out, group=TILE), lead) if out else y.view(*lead, -1)
+            x_q, x_scale = (quantize_rows if self.uses_triton() else quantize_rows_ref)(x2, self.fmt)
         y = self.matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out)
         return _split(y, lead) if out else y.view(*lead, self.out_features)
 
     def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):
         gemm = gemm8 if self.uses_triton() else gemm8_ref
-        return gemm(x_q, x_scale, weight, w_scale, self.bias, out_dtype=out_dtype, gelu=gelu, out=out)
+        # an FP8 output from per-token inputs takes per-token scales from a bound (see gemm8); else per 128
+        bound = self.output_bound() if out == "fp8" and x_scale.dim() == 1 else None
+        return gemm(x_q, x_scale, weight, w_scale, self.bias, out_dtype=out_dtype, gelu=gelu, out=out,
+                    out_bound=bound)
+
+    def output_bound(self) -> tuple[float, float]:
+        if getattr(self, "_bound", None) is None:   # weights are fixed once loaded: computed once
+            weight, w_scale = self.weight_and_scale()
+            self._bound = output_bound(weight, w_scale, self.bias, self.fmt)
+        return self._bound
 
 
 def _split(pair: Quantized, lead) -> Quantized:
+    """(q [M, N], scale [M] or [M, G]) -> (q [*lead, N], scale [*lead] or [*lead, G])."""
     q, s = pair
-    return q.view(*lead, q.shape[-1]), s.view(*lead, s.shape[-1])
+    return q.view(*lead, q.shape[-1]), (s.view(*lead, s.shape[-1]) if s.dim() == 2 else s.view(lead))
 
 
 class Int8Linear(Linear8):
@@ -134,8 +144,9 @@ class Fp8Linear(Linear8):
     """e4m3 weights, one float32 scale per output channel (amax/448); activations quantised per token."""
 
     fmt = "fp8"
-    # cuBLAS (torch._scaled_mm) for the plain per-token case where it is at least as fast as our kernel
-    use_scaled_mm = True
+    # cuBLAS (torch._scaled_mm) instead of our kernel for plain per-token inputs; ours measured faster on an
+    # H100 (benchmarks/BENCHMARKS.md), so off
+    use_scaled_mm = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.bfloat16):
@@ -156,6 +167,7 @@ class Fp8Linear(Linear8):
         layer.fp8_weight, layer.weight_scale = quantize_rows_ref(w, "fp8")
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
+        layer.output_bound()
         return layer
 
     def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):

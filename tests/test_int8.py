@@ -1,0 +1,96 @@
+"""int8: per-token quantisation and the W8A8 GEMM (Triton kernels, run by the interpreter) against their torch
+references and float32; TurboDiffusion's 128x128-tile numerics against its own GPU outputs (quant_linear_gpu)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref
+from turbo_kernels.quant8 import expand_tiles, quantize_rows, quantize_rows_ref, quantize_tiles_ref
+
+# small tiles keep the interpreter quick; the GPU uses default_config
+SMALL = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+def rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def max_rel(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_quantize_rows_matches_reference(group):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 70, 320, generator=g) * 4 * torch.rand(3, 70, 1, generator=g)).to(torch.bfloat16)
+    x[0, 0] = 0                                            # an all-zero token
+    q, s = quantize_rows(x, "int8", group)
+    qr, sr = quantize_rows_ref(x, "int8", group)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert s.shape == ((3, 70) if group is None else (3, 70, 3))
+    assert q[1:].abs().amax(-1).eq(127).all()              # each token's amax lands on 127
+    deq = q.float() * (s[..., None] if group is None else s.repeat_interleave(128, -1)[..., :320])
+    step = s.amax(-1, keepdim=True) if group else s[..., None]
+    assert ((deq - x.float()).abs() <= step * (0.5 + 1e-5)).all()   # within half a step everywhere
+
+
+def test_tile_quantisation_matches_turbodiffusion(fixtures_dir):
+    io = load_file(fixtures_dir / "quant_linear_gpu.safetensors")
+    q, s = quantize_tiles_ref(io["weight"])
+    diff = (q.int() - io["int8_weight"].int()).abs()
+    assert diff.max() <= 1 and (diff > 0).sum() <= 4       # only rounding ties may differ
+    assert max_rel(s, io["scale"]) <= 1e-6
+    xq, xs = quantize_tiles_ref(io["x"].reshape(-1, 384))
+    assert torch.equal(xq, io["x_int8"])
+    assert max_rel(xs, io["x_scale"]) <= 1e-6
+
+
+def test_int8_linear_matches_turbodiffusion(fixtures_dir):
+    io = load_file(fixtures_dir / "quant_linear_gpu.safetensors")
+    y_gemm = gemm8_ref(io["x_int8"], expand_tiles(io["x_scale"], 300), io["int8_weight"], io["scale"])
+    assert max_rel(y_gemm, io["y_gemm"]) <= 1e-3
+    y = int8_linear_tiles_ref(io["x"], io["int8_weight"], io["scale"], io["bias"])
+    assert y.dtype == torch.bfloat16 and y.shape == io["y"].shape
+    assert max_rel(y, io["y"]) <= 1e-3
+    assert rel(y, io["y_float"]) <= 2e-2
+
+
+@pytest.mark.parametrize("a_group, b_blocked, K", [(None, False, 320), (None, True, 256), (128, False, 256),
+                                                    (128, True, 384)])
+def test_gemm_matches_reference_and_float32(a_group, b_blocked, K):
+    g = torch.Generator().manual_seed(2)
+    M, N = 150, 200                                        # ragged against the 64 x 128 tiles
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = 0.1 * torch.randn(N, generator=g)
+    xq, xs = quantize_rows_ref(x, "int8", a_group)
+    wq, ws = quantize_tiles_ref(w) if b_blocked else quantize_rows_ref(w, "int8")
+    y = gemm8(xq, xs, wq, ws, b, out_dtype=torch.float32, config=SMALL)
+    assert rel(y, gemm8_ref(xq, xs, wq, ws, b, out_dtype=torch.float32)) <= 1e-6
+    assert rel(y, x @ w.T + b) <= 2e-2
+
+
+def test_gemm_gelu_int8_epilogue():
+    g = torch.Generator().manual_seed(3)
+    M, N, K = 130, 256, 256
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = 0.1 * torch.randn(N, generator=g)
+    xq, xs = quantize_rows_ref(x, "int8")
+    wq, ws = quantize_tiles_ref(w)
+    q, s = gemm8(xq, xs, wq, ws, b, gelu=True, out="int8", config=SMALL)
+    qr, sr = gemm8_ref(xq, xs, wq, ws, b, gelu=True, out="int8")
+    assert s.shape == (M, 2)                               # one scale per (token, 128 channels)
+    assert (q.int() - qr.int()).abs().max() <= 1 and max_rel(s, sr) <= 1e-6
+    deq = q.float() * s.repeat_interleave(128, -1)
+    assert rel(deq, F.gelu(x @ w.T + b, approximate="tanh")) <= 2e-2
+
+
+def test_gemm_rejects_mismatched_operands():
+    a = torch.zeros(4, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="inner sizes differ"):
+        gemm8(a, torch.ones(4), torch.zeros(8, 256, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(ValueError, match="weight scale has shape"):
+        gemm8(a, torch.ones(4), torch.zeros(8, 128, dtype=torch.int8), torch.ones(3))
