@@ -96,8 +96,9 @@ class Session:
             video = self.engine.generate(Request(prompt, settings, seed), progress or _quiet, cancel or _NEVER)
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
+            info = {k: v for k, v in video.info.items() if k != "versions"}   # versions are recorded on their own
             record.update(frames_sha256=frames_digest(video.frames), frames_shape=list(video.frames.shape),
-                          info=_jsonable({k: v for k, v in video.info.items() if k != "versions"}), outputs=[str(p) for p in paths])
+                          info=_jsonable(info), outputs=[str(p) for p in paths])
             timings = dict(video.timings)
             start = time.perf_counter()
             if progress:
@@ -129,7 +130,10 @@ class Session:
         self.runs.append(record)
 
     def _check_inputs(self, settings: Settings) -> None:
-        task = getattr(getattr(self.engine, "spec", None), "task", None) or _task_of(self.model)
+        """Refuse a run that cannot work before it is recorded (the engine checks the same, later)."""
+        from turbo_repl.models.registry import get_model
+
+        task = get_model(self.model).task
         if task == "i2v" and settings.image is None:
             raise RunError(f"{self.model} makes video from an image: give one with :image PATH")
         if task == "t2v" and settings.image is not None:
@@ -203,15 +207,6 @@ def compare(record: dict, frames, fps: int) -> Verdict:
     fraction = differing / total
     return Verdict(run_id, "differs", f"frames hash differs; after H.264: max abs difference {max_diff}/255, "
                                       f"{fraction * 100:.3g}% of pixels differ", max_diff, fraction)
-
-
-def _task_of(model: str) -> str | None:
-    from turbo_repl.models.registry import get_model
-
-    try:
-        return get_model(model).task
-    except KeyError:
-        return None
 
 
 def _jsonable(value: Any) -> Any:

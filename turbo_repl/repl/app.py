@@ -17,6 +17,7 @@ from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
+from rich.markup import escape
 
 from turbo_repl.options import UsageError, add_common_arguments, open_session
 from turbo_repl.repl import render, runner
@@ -103,7 +104,7 @@ class Repl:
             logical, pending = join_continued(pending + [line]), []
             if not logical or logical.startswith("#"):
                 continue
-            self.console.print(f"[dim]{PROMPT}{render.escape(logical)}[/]", highlight=False, soft_wrap=True)
+            self.console.print(f"[dim]{PROMPT}{escape(logical)}[/]", highlight=False, soft_wrap=True)
             if not self.handle(logical):
                 break
         return 1 if self.failures else 0

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rich.markup import escape
+
 from turbo_repl.history import HistoryError, find_run, read_history, write_session
 from turbo_repl.repl import render
-from turbo_repl.settings import BY_NAME, TABLE, SettingError, lookup
+from turbo_repl.settings import BY_NAME, SettingError, lookup
 
 PREFIXES = (":", "/")
 
@@ -94,7 +96,7 @@ def _set(repl, arg: str) -> None:
 def _echo(repl, name: str) -> None:
     value = BY_NAME[name].text(getattr(repl.session.settings, name))
     extra = " (a fresh seed is drawn for each run and recorded)" if name == "seed" and value == "random" else ""
-    repl.console.print(f"{name} = [bold]{render.escape(value)}[/]{extra}", highlight=False)
+    repl.console.print(f"{name} = [bold]{escape(value)}[/]{extra}", highlight=False)
 
 
 def _show(repl, arg: str) -> None:
@@ -115,7 +117,7 @@ def _reset(repl, arg: str) -> None:
 def _image(repl, arg: str) -> None:
     if not arg:
         current = repl.session.settings.image
-        repl.console.print(f"image = {render.escape(current or 'none')}  [dim](:image PATH sets it, :image none "
+        repl.console.print(f"image = {escape(current or 'none')}  [dim](:image PATH sets it, :image none "
                            "clears it)[/]")
         return
     repl.session.set("image", arg)
@@ -162,8 +164,8 @@ def _save(repl, arg: str) -> None:
         write_session(path, finished)
     except OSError as e:
         raise HistoryError(f"cannot write {path}: {e.strerror or e}") from None
-    repl.console.print(f"saved {len(finished)} run(s) to [bold]{render.escape(str(path))}[/]; "
-                       f"replay with: turbo-repl replay {render.escape(str(path))}")
+    repl.console.print(f"saved {len(finished)} run(s) to [bold]{escape(str(path))}[/]; "
+                       f"replay with: turbo-repl replay {escape(str(path))}")
 
 
 def _help(repl, arg: str) -> None:
@@ -185,7 +187,7 @@ def _help(repl, arg: str) -> None:
         c = find(name)
     except CommandError:
         raise CommandError(f"no command or setting called {name!r}; :help lists them") from None
-    console.print(f"[bold]:{c.name} {render.escape(c.usage)}[/]  {render.escape(c.help)}")
+    console.print(f"[bold]:{c.name} {escape(c.usage)}[/]  {escape(c.help)}")
 
 
 def _quit(repl, arg: str) -> None:
@@ -205,5 +207,3 @@ COMMANDS: tuple[Command, ...] = (
     Command("help", "[NAME]", "commands and settings, or one of them", _help, "help"),
     Command("quit", "", "leave (Ctrl-D does too)", _quit, aliases=("exit", "q")),
 )
-
-SETTING_NAMES = tuple(s.name for s in TABLE)

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from turbo_repl.engine.types import Cancelled
 from turbo_repl.repl import render
-from turbo_repl.session import RunError, Session, Verdict
+from turbo_repl.session import Session, Verdict
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ def in_worker(console: Console, work: Callable[[render.ProgressDisplay, threadin
 
 def generate(session: Session, prompt: str, console: Console) -> dict | None:
     """One run with progress; prints the result line. Returns the record, or None if cancelled.
-    Raises RunError (one line) when the run failed."""
+    Raises session.RunError (one line) when the run failed."""
     try:
         record = in_worker(console, lambda progress, cancel: session.run(prompt, progress, cancel))
     except Cancelled:
@@ -68,5 +68,3 @@ def replay_all(session: Session, records: list[dict], console: Console) -> list[
             break
     return verdicts
 
-
-__all__ = ["in_worker", "generate", "replay_all", "RunError"]
