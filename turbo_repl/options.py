@@ -15,13 +15,15 @@ class UsageError(ValueError):
     """Options that cannot be used; one line."""
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, settings: bool = True) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, runs: bool = True) -> None:
+    """--model, --checkpoint-dir, --device; with `runs`, also what shapes new runs: --history and --set."""
     parser.add_argument("--model", help="model to load (configs/models.yaml; default: the config's, else auto: "
                                         "wan2.1-1.3b when a GPU and its files are here, otherwise tiny)")
     parser.add_argument("--checkpoint-dir", type=Path, help="folder holding the model's checkpoint files")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--history", type=Path, help="history file (default $XDG_STATE_HOME/turbo-repl/history.jsonl)")
-    if settings:
+    if runs:
+        parser.add_argument("--history", type=Path,
+                            help="history file (default $XDG_STATE_HOME/turbo-repl/history.jsonl)")
         parser.add_argument("--set", dest="set", action="append", default=[], metavar="NAME=VALUE",
                             help="a generation setting, as :set NAME VALUE (repeatable; :help lists them)")
 
@@ -89,6 +91,7 @@ def open_session(args: argparse.Namespace, model: str | None = None):
         engine = Engine(model=choice.name, checkpoint_dir=args.checkpoint_dir, device=args.device, quant=start.quant)
     except (ValueError, KeyError, OSError) as e:
         raise UsageError(str(e).strip('"')) from None
-    session = Session(engine, choice.name, History(args.history or config["history"]), defaults=defaults)
+    history = History(getattr(args, "history", None) or config["history"])
+    session = Session(engine, choice.name, history, defaults=defaults)
     session.settings = start
     return session, choice, config

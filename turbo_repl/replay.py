@@ -45,7 +45,7 @@ def load_runs(path: Path, run_id: str | None = None) -> list[dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="session file (.yaml), history file (.jsonl) or mp4 made by turbo-repl")
     parser.add_argument("--run", metavar="ID", help="replay only this run (an id or its first characters)")
-    add_common_arguments(parser, settings=False)
+    add_common_arguments(parser, runs=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,9 +12,6 @@ from rich.table import Table
 
 from turbo_repl.settings import TABLE, Setting, Settings
 
-STAGE_NAMES = {"denoise": "step"}
-
-
 def error(console: Console, message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
@@ -93,7 +90,10 @@ def commands_help(commands) -> Table:
 # --- runs ------------------------------------------------------------------------------------------------------
 
 def _seconds(timings: dict) -> str:
-    return " · ".join(f"{STAGE_NAMES.get(k, k)} {v:.2f}s" for k, v in timings.items())
+    """Stage times, then the whole run: the engine's total (generation) plus writing the files."""
+    stages = [f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"]
+    total = timings.get("total", 0.0) + timings.get("write", 0.0)
+    return " · ".join(stages + [f"total {total:.2f}s"])
 
 
 def result_line(record: dict) -> str:
@@ -101,7 +101,7 @@ def result_line(record: dict) -> str:
     s = record["settings"]
     extra = f" (+{len(outputs) - 1} more)" if len(outputs) > 1 else ""
     return (f"[green]✓[/] [bold]{escape(outputs[0] if outputs else '?')}[/]{extra}  "
-            f"[dim]seed {record['seed']} · {s['steps']} steps · {s['frames']} frames · "
+            f"[dim]seed {record['seed']} · steps {s['steps']} · frames {s['frames']} · "
             f"{escape(_seconds(record.get('timings', {})))} · run {record['id']}[/]")
 
 
