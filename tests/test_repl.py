@@ -223,3 +223,15 @@ def test_image_to_video_records_the_image_and_replays(i2v_engine, tmp_path, monk
     Image.new("RGB", (300, 200), (40, 40, 200)).save(tmp_path / "first.png")
     verdict = driven.session.replay(record)
     assert verdict.status == "failed" and "not the image this run was made from" in verdict.detail
+
+
+def test_the_shipped_example_session_replays_identically(engine):
+    """sessions/example.yaml (made by sessions/example.txt) must still replay bit for bit on the tiny model; if the
+    tiny model's numerics changed on purpose, remake it: rm sessions/example.yaml; turbo-repl --model tiny <
+    sessions/example.txt."""
+    from pathlib import Path
+
+    runs = read_session(Path(__file__).resolve().parents[1] / "sessions" / "example.yaml")
+    assert len(runs) == 2 and {r["settings"]["ode"] for r in runs} == {True, False}
+    session = Session(engine, "tiny", History(Path("/nonexistent/never-written.jsonl")))
+    assert [session.replay(run).status for run in runs] == ["identical", "identical"]

@@ -96,7 +96,7 @@ def _set(repl, arg: str) -> None:
 def _echo(repl, name: str) -> None:
     value = BY_NAME[name].text(getattr(repl.session.settings, name))
     extra = " (a fresh seed is drawn for each run and recorded)" if name == "seed" and value == "random" else ""
-    repl.console.print(f"{name} = [bold]{escape(value)}[/]{extra}", highlight=False)
+    repl.console.print(f"{name} = [bold]{escape(value)}[/]{extra}", highlight=False, soft_wrap=True)
 
 
 def _show(repl, arg: str) -> None:
@@ -165,7 +165,7 @@ def _save(repl, arg: str) -> None:
     except OSError as e:
         raise HistoryError(f"cannot write {path}: {e.strerror or e}") from None
     repl.console.print(f"saved {len(finished)} run(s) to [bold]{escape(str(path))}[/]; "
-                       f"replay with: turbo-repl replay {escape(str(path))}")
+                       f"replay with: turbo-repl replay {escape(str(path))}", soft_wrap=True)
 
 
 def _help(repl, arg: str) -> None:
