@@ -146,11 +146,15 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
         timings = {}
         if args.breakdown:
             timings["prepare (1-3)"] = lambda: sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)
-            timings["key pass + stats"] = lambda: sla._key_stats(k, v, bk, q.dtype, True, quantized)
-            ksum, _, _, kmean, vmean, vscale = sla._key_stats(k, v, bk, q.dtype, True, quantized)
-            timings["select (block map)"] = lambda: select_blocks(q, ksum, kmean, count, cp, bq, bk, quantized)
+            timings["statistics (q, k, v pass)"] = lambda: sla.statistics(q, k, v, bq, bk, True, quantized, quantized)
+            st = sla.statistics(q, k, v, bq, bk, True, quantized, quantized)
+            for pps in (2, 8):
+                timings[f"statistics, {pps} programs/SM"] = \
+                    lambda pps=pps: sla.statistics(q, k, v, bq, bk, True, quantized, quantized, programs_per_sm=pps)
+            timings["select (block map)"] = lambda: select_blocks(st["qsum"], st["ksum"], st["kmean"], L, count, cp, bq, bk)
             if quantized:
-                timings["quantize k, v"] = lambda: quantize_keys_values(k, v, kmean, vmean, vscale, bk, True, False)
+                timings["quantize k, v"] = lambda: quantize_keys_values(k, v, st["kmean"], st["vmean"], st["vscale"],
+                                                                        bk, True, False)
             timings["attention kernel"] = lambda: sla.attend(ops, q, w, b, bq, bk, cfg)
             timings["attention kernel, no linear branch"] = lambda: sla.attend(ops, q, w, b, bq, bk, cfg, linear=False)
         for label, fn in timings.items():

@@ -5,10 +5,10 @@ block is pooled over the rows it has — and every query block keeps its `key_bl
 blocks. The selection is a LUT [B, H, n_qb, count] of key-block indices in ascending order (ties: lower index
 first). Ascending matters to the attention kernel: the ragged last key block, when chosen, is always the last entry.
 
-`select_blocks` is the Triton kernel: per group of query blocks it pools q (and, for SageSLA, quantises each q
-block to int8 while it is loaded), scores the groups' pooled q against all pooled keys with one product, and
-picks each row's top `count` by bisection on the scores' bits — no sort. The pooled keys come from the key pass
-in `sla.py`, which reads k once for the block map and the linear branch together.
+`select_blocks` is the Triton kernel: per group of 16 query blocks it scores their pooled q against all pooled
+keys with one product and picks each row's top `count` by finding the count-th largest score bit by bit — no
+sort. The block sums it starts from come from the statistics pass in `sla.py`, which reads q, k and v once for
+the block map, the linear branch and SageSLA's int8 q together.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .sagesla import int8_block
 
 
 def key_block_count(topk: float, n_key_blocks: int) -> int:
@@ -67,50 +66,31 @@ def block_lut_ref(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 
 # --------------------------------------------------------------------------------------------- Triton
 
 @triton.jit
-def _select_kernel(q_ptr, s_qb, s_ql, s_qh, ksum_ptr, kmean_ptr, score_ptr, lut_ptr, q8_ptr, qscale_ptr,
-                   H, L, n_qb, n_kb, count, count_pad,
+def _select_kernel(qsum_ptr, ksum_ptr, kmean_ptr, score_ptr, lut_ptr, L, n_qb, n_kb, count, count_pad,
                    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, QG: tl.constexpr,
                    KC: tl.constexpr, NKB: tl.constexpr, ROWS: tl.constexpr, PAD: tl.constexpr,
-                   QUANT_Q: tl.constexpr, PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, BLOCK_Q)
-    g = tl.arange(0, QG)
-    q_base = q_ptr + b.to(tl.int64) * s_qb + h * s_qh
+    qrow = pid * QG + tl.arange(0, QG)
+    qok = qrow < n_qb
+    n = tl.maximum(tl.minimum(L - qrow * BLOCK_Q, BLOCK_Q), 1).to(tl.float32)
+    pooled = tl.load(qsum_ptr + (bh * n_qb + qrow)[:, None] * D + offs_d[None, :], mask=qok[:, None], other=0.0)
+    pooled = pooled / n[:, None]
 
-    # 1. pool this program's QG query blocks (and quantise them while they are here)
-    pooled = tl.zeros([QG, D], dtype=tl.float32)
-    for i in range(QG):
-        qb = pid * QG + i
-        rows = qb * BLOCK_Q + offs_r
-        ok = (rows < L)[:, None]
-        x = tl.load(q_base + rows[:, None] * s_ql + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        n = tl.maximum(tl.minimum(L - qb * BLOCK_Q, BLOCK_Q), 1)
-        pooled = tl.where(g[:, None] == i, (tl.sum(x, axis=0) / n.to(tl.float32))[None, :], pooled)
-        if QUANT_Q:
-            if qb < n_qb:
-                x8, scale = int8_block(x)
-                tl.store(q8_ptr + (bh.to(tl.int64) * n_qb * BLOCK_Q + rows[:, None]) * D + offs_d[None, :], x8)
-                tl.store(qscale_ptr + bh * n_qb + qb, scale)
-
-    # 2. scores against every pooled (smoothed) key block, into this program's rows of the score buffer
-    qrow = pid * QG + g
+    # 1. scores of this program's QG query blocks against every pooled (smoothed) key block
     kmean = tl.load(kmean_ptr + bh * D + offs_d)
     for c in range(0, n_kb, KC):
         kidx = c + tl.arange(0, KC)
         kok = kidx < n_kb
         sums = tl.load(ksum_ptr + (bh * n_kb + kidx)[:, None] * D + offs_d[None, :], mask=kok[:, None], other=0.0)
-        n = tl.maximum(tl.minimum(L - kidx * BLOCK_K, BLOCK_K), 1).to(tl.float32)
-        pk = sums / n[:, None] - kmean[None, :]
-        sc = tl.dot(pooled, tl.trans(pk), input_precision=PRECISION)
-        tl.store(score_ptr + (bh * n_qb + qrow)[:, None] * n_kb + kidx[None, :], sc,
-                 mask=(qrow < n_qb)[:, None] & kok[None, :])
+        nk = tl.maximum(tl.minimum(L - kidx * BLOCK_K, BLOCK_K), 1).to(tl.float32)
+        sc = tl.dot(pooled, tl.trans(sums / nk[:, None] - kmean[None, :]), input_precision=PRECISION)
+        tl.store(score_ptr + (bh * n_qb + qrow)[:, None] * n_kb + kidx[None, :], sc, mask=qok[:, None] & kok[None, :])
     tl.debug_barrier()
 
-    # 3. per row, the `count` largest scores: bisection on order-preserving integer keys, then compaction
+    # 2. per row, the `count` largest: the threshold bit by bit on order-preserving unsigned keys, then compaction
     cols = tl.arange(0, NKB)
     for r0 in range(0, QG, ROWS):
         qr = pid * QG + r0 + tl.arange(0, ROWS)
@@ -118,16 +98,16 @@ def _select_kernel(q_ptr, s_qb, s_ql, s_qh, ksum_ptr, kmean_ptr, score_ptr, lut_
         sc = tl.load(score_ptr + (bh * n_qb + qr)[:, None] * n_kb + cols[None, :],
                      mask=rok[:, None] & (cols < n_kb)[None, :], other=float("-inf"))
         bits = sc.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        lo = tl.full([ROWS], -2147483648, tl.int64)      # count(key >= lo) >= count always holds
-        hi = tl.full([ROWS], 2147483647, tl.int64)
-        for _ in range(32):                              # largest t with count(key >= t) >= count
-            mid = lo + (hi - lo + 1) // 2
-            enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= count
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-        above = key > lo[:, None]
-        tie = key == lo[:, None]
+        ub = sc.to(tl.uint32, bitcast=True)
+        key = tl.where(bits < 0, ~ub, ub | 0x80000000)
+        t = tl.zeros([ROWS], dtype=tl.uint32)          # largest t with count(key >= t) >= count
+        one = tl.full([ROWS], 1, dtype=tl.uint32)
+        for i in range(32):
+            cand = t | (one << (31 - i))
+            enough = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1) >= count
+            t = tl.where(enough, cand, t)
+        above = key > t[:, None]
+        tie = key == t[:, None]
         need = count - tl.sum(above.to(tl.int32), axis=1)
         sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
         pos = tl.cumsum(sel.to(tl.int32), axis=1) - 1
@@ -138,25 +118,19 @@ def _select_kernel(q_ptr, s_qb, s_ql, s_qh, ksum_ptr, kmean_ptr, score_ptr, lut_
                  mask=rok[:, None] & (pad < count_pad)[None, :])
 
 
-def select_blocks(q: torch.Tensor, key_sums: torch.Tensor, key_mean: torch.Tensor, count: int, count_pad: int,
-                  block_q: int, block_k: int, quantize_q: bool = False):
-    """q [B, L, H, D] (last dim contiguous); key_sums [B*H, n_kb, D] float32 (sum of each key block's rows);
-    key_mean [B*H, D] float32 -> LUT int32 [B*H, n_qb, count_pad] (ascending, padded with -1), and with
-    `quantize_q` also q int8 [B*H, n_qb * block_q, D] and its scales [B*H, n_qb]."""
-    B, L, H, D = q.shape
-    n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
+def select_blocks(query_sums: torch.Tensor, key_sums: torch.Tensor, key_mean: torch.Tensor, L: int, count: int,
+                  count_pad: int, block_q: int, block_k: int) -> torch.Tensor:
+    """query_sums [B*H, n_qb, D], key_sums [B*H, n_kb, D] (float32 sums of each block's rows), key_mean [B*H, D]
+    -> LUT int32 [B*H, n_qb, count_pad]: ascending, padded with -1."""
+    BH, n_qb, D = query_sums.shape
+    n_kb = key_sums.shape[1]
     nkb_p2 = max(16, triton.next_power_of_2(n_kb))
     qg = 16                                  # query blocks per program: the M of the score product
-    dev = q.device
-    lut = torch.empty(B * H, n_qb, count_pad, device=dev, dtype=torch.int32)
-    score = torch.empty(B * H, n_qb, n_kb, device=dev, dtype=torch.float32)
-    q8 = torch.empty(B * H, n_qb * block_q, D, device=dev, dtype=torch.int8) if quantize_q else lut
-    qscale = torch.empty(B * H, n_qb, device=dev, dtype=torch.float32) if quantize_q else lut
-    _select_kernel[(triton.cdiv(n_qb, qg), B * H)](
-        q, q.stride(0), q.stride(1), q.stride(2), key_sums, key_mean, score, lut, q8, qscale,
-        H, L, n_qb, n_kb, count, count_pad,
-        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, QG=qg, KC=min(128, nkb_p2), NKB=nkb_p2,
-        ROWS=max(1, min(qg, 8192 // nkb_p2)), PAD=max(1, triton.next_power_of_2(count_pad - count + 1)),
-        QUANT_Q=quantize_q, PRECISION="tf32x3", num_warps=8 if D * block_q >= 16384 else 4,
-        num_stages=1)                         # no multi-buffering: a [KC, D] float32 tile is 64 KB
-    return (lut, q8, qscale) if quantize_q else lut
+    lut = torch.empty(BH, n_qb, count_pad, device=query_sums.device, dtype=torch.int32)
+    score = torch.empty(BH, n_qb, n_kb, device=query_sums.device, dtype=torch.float32)
+    _select_kernel[(triton.cdiv(n_qb, qg), BH)](
+        query_sums, key_sums, key_mean, score, lut, L, n_qb, n_kb, count, count_pad,
+        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, QG=qg, KC=min(64, nkb_p2), NKB=nkb_p2,
+        ROWS=max(1, min(qg, 8192 // nkb_p2)), PAD=triton.next_power_of_2(count_pad - count + 1),
+        PRECISION="tf32x3", num_warps=8, num_stages=1)
+    return lut

@@ -38,6 +38,18 @@ def int8_block(x):
 
 
 @triton.jit
+def int8_rows(x, BLOCK: tl.constexpr):
+    """float32 [R, D] -> (int8 [R, D], scales [R // BLOCK]): one scale per BLOCK consecutive rows."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    x3 = tl.reshape(x, [R // BLOCK, BLOCK, D])
+    scale = tl.max(tl.max(tl.abs(x3), axis=2), axis=1) / 127.0 + 1e-7
+    y = x3 / scale[:, None, None]
+    y = y + tl.where(y >= 0, 0.5, -0.5)
+    return tl.reshape(y.to(tl.int8), [R, D]), scale
+
+
+@triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
     """float32 (|x| <= 448) -> float8e4nv, round to nearest even. The GPU's cast does this; the interpreter's
     does not (EXACT rounds first, through the shared 8-bit helpers)."""

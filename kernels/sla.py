@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._runtime import available_backends, has_fp8, interpreting, resolve_impl, sm_count
 from .block_map import block_lut_ref, check_block_sizes, key_block_count, lut_to_mask, select_blocks
-from .sagesla import LOG2_FP8_MAX, int8_blocks_ref, quantize_keys_values, round_fp8_ref, to_e4m3, v_fp8_ref
+from .sagesla import LOG2_FP8_MAX, int8_blocks_ref, int8_rows, quantize_keys_values, round_fp8_ref, to_e4m3, v_fp8_ref
 
 __all__ = ["sparse_linear_attention", "block_map", "block_lut", "available_backends", "sla_ref"]
 
@@ -41,33 +41,50 @@ _LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
 # --------------------------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _key_pass_kernel(k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh, ksum_ptr, part_ptr, vext_ptr,
-                     H, L, n_kb, blocks_per_chunk, n_chunks,
-                     D: tl.constexpr, BLOCK_K: tl.constexpr, LINEAR: tl.constexpr, V_STATS: tl.constexpr):
+def _stats_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh,
+                  qsum_ptr, ksum_ptr, part_ptr, vext_ptr, q8_ptr, qscale_ptr,
+                  H, L, n_qb, n_kb, steps_per_chunk, n_chunks,
+                  D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
+                  LINEAR: tl.constexpr, V_STATS: tl.constexpr, QUANT_Q: tl.constexpr):
+    """One chunk of rows of one (batch, head), R rows (whole query and key blocks) per step: block sums of q and
+    k, int8 q (SageSLA), and the chunk's partials of φ(k)ᵀv, Σφ(k), Σk, Σv, max v, max -v."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
+    NQ: tl.constexpr = R // BLOCK_Q
+    NK: tl.constexpr = R // BLOCK_K
     offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, BLOCK_K)
-    k_base = k_ptr + b.to(tl.int64) * s_kb + h * s_kh
-    v_base = v_ptr + b.to(tl.int64) * s_vb + h * s_vh
+    offs_r = tl.arange(0, R)
     ktot = tl.zeros([D], dtype=tl.float32)
     zphi = tl.zeros([D], dtype=tl.float32)
     vsum = tl.zeros([D], dtype=tl.float32)
     vmax = tl.full([D], float("-inf"), dtype=tl.float32)
     vneg = tl.full([D], float("-inf"), dtype=tl.float32)
     kv = tl.zeros([D, D], dtype=tl.float32)
-    for j in range(blocks_per_chunk):
-        blk = c * blocks_per_chunk + j
-        rows = blk * BLOCK_K + offs_r
+    for j in range(steps_per_chunk):
+        step = c * steps_per_chunk + j
+        rows = step * R + offs_r
         ok = (rows < L)[:, None]
-        kx = tl.load(k_base + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        bsum = tl.sum(kx, axis=0)
-        tl.store(ksum_ptr + (bh * n_kb + blk) * D + offs_d, bsum, mask=(offs_d * 0 + blk) < n_kb)
-        ktot += bsum
+        x = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + offs_d[None, :], mask=ok, other=0.0)
+        x = x.to(tl.float32)
+        qb = step * NQ + tl.arange(0, NQ)
+        qsum = tl.sum(tl.reshape(x, [NQ, BLOCK_Q, D]), axis=1)
+        tl.store(qsum_ptr + (bh * n_qb + qb)[:, None] * D + offs_d[None, :], qsum, mask=(qb < n_qb)[:, None])
+        if QUANT_Q:
+            x8, scale = int8_rows(x, BLOCK_Q)
+            tl.store(q8_ptr + (bh.to(tl.int64) * n_qb * BLOCK_Q + rows[:, None]) * D + offs_d[None, :], x8,
+                     mask=(rows < n_qb * BLOCK_Q)[:, None])
+            tl.store(qscale_ptr + bh * n_qb + qb, scale, mask=qb < n_qb)
+
+        kx = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0)
+        kx = kx.to(tl.float32)
+        kb = step * NK + tl.arange(0, NK)
+        ksum = tl.sum(tl.reshape(kx, [NK, BLOCK_K, D]), axis=1)
+        tl.store(ksum_ptr + (bh * n_kb + kb)[:, None] * D + offs_d[None, :], ksum, mask=(kb < n_kb)[:, None])
+        ktot += tl.sum(ksum, axis=0)
         if LINEAR or V_STATS:
-            vx = tl.load(v_base + rows[:, None] * s_vl + offs_d[None, :], mask=ok, other=0.0)
+            vx = tl.load(v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_d[None, :], mask=ok, other=0.0)
         if LINEAR:
             e = tl.exp(kx - tl.max(kx, axis=1)[:, None])
             phi = tl.where(ok, e / tl.sum(e, axis=1)[:, None], 0.0)
@@ -125,15 +142,29 @@ def _key_stats_kernel(part_ptr, vext_ptr, kv_ptr, z_ptr, kmean_ptr, vmean_ptr, v
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row, lut_row, L, lo, hi,
-            qk_scale, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-            QUANT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
+def _gather_blocks(lut_row, ks_row, it, BLOCK_K: tl.constexpr, G: tl.constexpr, QUANT: tl.constexpr):
+    """Step `it`: the G LUT entries as per-column vectors (key-block index, first key row, key scale), from G
+    scalar loads."""
+    BLOCK_N: tl.constexpr = G * BLOCK_K
     offs_n = tl.arange(0, BLOCK_N)
+    kb = tl.full([BLOCK_N], 0, tl.int32)
+    ks = tl.full([BLOCK_N], 1.0, tl.float32)
+    for g in tl.static_range(G):
+        kb_g = tl.load(lut_row + it * G + g)
+        kb = tl.where(offs_n // BLOCK_K == g, kb_g, kb)
+        if QUANT:
+            ks = tl.where(offs_n // BLOCK_K == g, tl.load(ks_row + tl.maximum(kb_g, 0)), ks)
+    rows = kb * BLOCK_K + offs_n % BLOCK_K
+    return kb, tl.max_contiguous(tl.multiple_of(rows, BLOCK_K), BLOCK_K), ks
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row, lut_row, L, lo, hi,
+            BLOCK_K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+            QUANT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
     offs_d = tl.arange(0, D)
     for it in range(lo, hi):
-        kb = tl.load(lut_row + it * (BLOCK_N // BLOCK_K) + offs_n // BLOCK_K)
-        rows = kb * BLOCK_K + offs_n % BLOCK_K
-        rows = tl.max_contiguous(tl.multiple_of(rows, BLOCK_K), BLOCK_K)
+        kb, rows, ks = _gather_blocks(lut_row, ks_row, it, BLOCK_K, G, QUANT)
         if MASKED:
             col_ok = (kb >= 0) & (rows < L)
             k = tl.load(k_base + rows[:, None] * s_kl + offs_d[None, :], mask=col_ok[:, None], other=0)
@@ -141,21 +172,21 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row,
             k = tl.load(k_base + rows[:, None] * s_kl + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k))
         if QUANT:
-            if MASKED:
-                ks = tl.load(ks_row + kb, mask=kb >= 0, other=0.0)
-            else:
-                ks = tl.load(ks_row + kb)
-            s = qk.to(tl.float32) * (q_scale * ks)[None, :]
-        else:
-            s = qk * qk_scale
+            # int32 -> float32 exactly, |qk| <= 256 * 127 * 127 < 2**22: 1.5 * 2**23 + qk has qk in its low bits
+            qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            qk = qk * (q_scale * ks)[None, :]
         if MASKED:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        # integer running maximum: rescaling by exact powers of two, P rounded independently of block order
-        m_new = tl.maximum(m_i, tl.ceil(tl.max(s, axis=1)))
-        if PV_FP8:
-            p = tl.exp2(s - (m_new - _LOG2_FP8_MAX)[:, None])
-        else:
-            p = tl.exp2(s - m_new[:, None])
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        # running maximum kept on integers: rescaling by exact powers of two, P rounded independently of block order
+        if QUANT:
+            m_new = tl.maximum(m_i, tl.ceil(tl.max(qk, axis=1)))
+            if PV_FP8:
+                p = tl.exp2(qk - (m_new - _LOG2_FP8_MAX)[:, None])
+            else:
+                p = tl.exp2(qk - m_new[:, None])
+        else:   # scaled inside exp2, one FMA per score (the scale is positive: the maximum stays where it is)
+            m_new = tl.maximum(m_i, tl.ceil(tl.max(qk, axis=1) * q_scale))
+            p = tl.exp2(qk * q_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
@@ -176,6 +207,24 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row,
 
 
 @triton.jit
+def _linear_branch(qf_ptr, s_fl, offs_m, row_ok, kv_ptr, z_ptr, w_ptr, bias_ptr, bh,
+                   D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """proj_l(φ(q)·KV / (1e-5 + φ(q)·z)) for this program's rows; KV, z from the key pass."""
+    offs_d = tl.arange(0, D)
+    x = tl.load(qf_ptr + offs_m[:, None] * s_fl + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    phi = e / tl.sum(e, axis=1)[:, None]
+    den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + 1e-5
+    kv = tl.load(kv_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
+    o_l = tl.dot(phi.to(kv.dtype), kv) / den[:, None]
+    w_t = tl.load(w_ptr + offs_d[None, :] * D + offs_d[:, None]).to(kv.dtype)   # proj_l.weight, transposed
+    lin = tl.dot(o_l.to(kv.dtype), w_t)
+    if HAS_BIAS:
+        lin += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
+    return lin
+
+
+@triton.jit
 def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh, s_vd,
                       qscale_ptr, kscale_ptr, vscale_ptr, vmean_ptr, lut_ptr,
                       kv_ptr, z_ptr, w_ptr, bias_ptr, qf_ptr, s_fb, s_fl, s_fh, o_ptr, s_ob, s_ol, s_oh,
@@ -187,10 +236,15 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    BLOCK_N: tl.constexpr = G * BLOCK_K
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = (offs_m < L)[:, None]
+    o_ptrs = o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
+    if LINEAR:   # first, while no attention state occupies registers; parked in `out` until the end
+        lin = _linear_branch(qf_ptr + b * s_fb + h * s_fh, s_fl, offs_m, row_ok, kv_ptr, z_ptr, w_ptr, bias_ptr, bh,
+                             D, HAS_BIAS)
+        tl.store(o_ptrs, lin.to(o_ptr.dtype.element_ty), mask=row_ok)
+
     q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=row_ok, other=0)
     q_scale = qk_scale
     if QUANT:
@@ -205,28 +259,16 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row, lut_row, L,
-                            0, n_steps - 1, qk_scale, BLOCK_K, BLOCK_N, D, QUANT, PV_FP8, False, EXACT)
+                            0, n_steps - 1, BLOCK_K, G, D, QUANT, PV_FP8, False, EXACT)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row, lut_row, L,
-                            n_steps - 1, n_steps, qk_scale, BLOCK_K, BLOCK_N, D, QUANT, PV_FP8, True, EXACT)
+                            n_steps - 1, n_steps, BLOCK_K, G, D, QUANT, PV_FP8, True, EXACT)
     o = acc / l_i[:, None]
     if PV_FP8:
         o = o * tl.load(vscale_ptr + bh * D + offs_d)[None, :] + tl.load(vmean_ptr + bh * D + offs_d)[None, :]
-
     if LINEAR:
-        x = tl.load(qf_ptr + b * s_fb + h * s_fh + offs_m[:, None] * s_fl + offs_d[None, :], mask=row_ok, other=0.0)
-        x = x.to(tl.float32)
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        phi = e / tl.sum(e, axis=1)[:, None]
-        den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + 1e-5
-        kv = tl.load(kv_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
-        o_l = tl.dot(phi.to(kv.dtype), kv) / den[:, None]
-        w_t = tl.load(w_ptr + offs_d[None, :] * D + offs_d[:, None]).to(kv.dtype)   # proj_l.weight, transposed
-        lin = tl.dot(o_l.to(kv.dtype), w_t)
-        if HAS_BIAS:
-            lin += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
-        o += lin
-    tl.store(o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=row_ok)
+        tl.debug_barrier()
+        o += tl.load(o_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -239,63 +281,90 @@ def default_config(dtype: torch.dtype, quantized: bool, block_q: int, block_k: i
     return {"G": G, "num_warps": warps, "num_stages": stages}
 
 
-def _key_stats(k, v, block_k: int, mm_dtype, linear: bool, v_stats: bool):
-    """-> key block sums [BH, n_kb, D], and the reduced statistics (kv, z, kmean, vmean, vscale)."""
-    B, L, H, D = k.shape
-    BH, n_kb, dev = B * H, triton.cdiv(L, block_k), k.device
-    per_chunk = max(1, triton.cdiv(n_kb * BH, 2 * sm_count(dev)))
-    chunks = triton.cdiv(n_kb, per_chunk)
+def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats: bool = False,
+               quantize_q: bool = False, programs_per_sm: int = 4) -> dict:
+    """Steps 1 and 2: one pass over q, k, v, then the reduction of its partials. Returns float32 block sums
+    `qsum` [BH, n_qb, D] and `ksum` [BH, n_kb, D]; `kv` [BH, D, D] (q's dtype), `z`, `kmean`, `vmean`, `vscale`
+    [BH, D]; with `quantize_q`, `q8` int8 [BH, n_qb * block_q, D] and `qscale` [BH, n_qb]."""
+    B, L, H, D = q.shape
+    BH, dev = B * H, q.device
+    n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
+    R = max(block_q, block_k)
+    steps = triton.cdiv(L, R)
+    per_chunk = max(1, triton.cdiv(steps * BH, programs_per_sm * sm_count(dev)))
+    chunks = triton.cdiv(steps, per_chunk)
     f32 = dict(device=dev, dtype=torch.float32)
-    ksum = torch.empty(BH, n_kb, D, **f32)
+    st = dict(qsum=torch.empty(BH, n_qb, D, **f32), ksum=torch.empty(BH, n_kb, D, **f32))
     part = torch.empty(BH, chunks, D * D + 3 * D, **f32)
     vext = torch.empty(BH, chunks, 2 * D, **f32) if v_stats else part
-    _key_pass_kernel[(chunks, BH)](
-        k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2), ksum, part, vext,
-        H, L, n_kb, per_chunk, chunks, D=D, BLOCK_K=block_k, LINEAR=linear, V_STATS=v_stats,
-        num_warps=8 if D * block_k >= 8192 else 4)
-    kv = torch.empty(BH, D, D, device=dev, dtype=mm_dtype)
-    z, kmean, vmean, vscale = (torch.empty(BH, D, **f32) for _ in range(4))
+    if quantize_q:
+        st["q8"] = torch.empty(BH, n_qb * block_q, D, device=dev, dtype=torch.int8)
+        st["qscale"] = torch.empty(BH, n_qb, **f32)
+    _stats_kernel[(chunks, BH)](
+        q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2), st["qsum"], st["ksum"], part, vext,
+        st.get("q8", part), st.get("qscale", part), H, L, n_qb, n_kb, per_chunk, chunks,
+        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, R=R, LINEAR=linear, V_STATS=v_stats, QUANT_Q=quantize_q,
+        num_warps=8 if R * D >= 8192 else 4)
+    st["kv"] = torch.empty(BH, D, D, device=dev, dtype=q.dtype)
+    for name in ("z", "kmean", "vmean", "vscale"):
+        st[name] = torch.empty(BH, D, **f32)
     rb = 16
-    _key_stats_kernel[(BH, D // rb)](part, vext, kv, z, kmean, vmean, vscale, chunks, L,
+    _key_stats_kernel[(BH, D // rb)](part, vext, st["kv"], st["z"], st["kmean"], st["vmean"], st["vscale"], chunks, L,
                                      D=D, RB=rb, V_STATS=v_stats, num_warps=4)
-    return ksum, kv, z, kmean, vmean, vscale
+    return st
 
 
-def _sla_triton(q, k, v, proj_w, proj_b, count: int, block_q: int, block_k: int, quantized: bool,
-                pv_fp8: bool, linear: bool = True, config: dict | None = None):
-    """The Triton path. Returns (out [B, L, H, D], LUT int32 [B*H, n_qb, count_pad])."""
+def prepare(q, k, v, count: int, count_pad: int, block_q: int, block_k: int, quantized: bool, pv_fp8: bool,
+            linear: bool = True) -> dict:
+    """Steps 1-3 (statistics, block selection, SageSLA's K/V quantisation): the attention kernel's operands."""
     B, L, H, D = q.shape
-    cfg = config or default_config(q.dtype, quantized, block_q, block_k, D)
-    G = cfg["G"]
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
-    count_pad = triton.cdiv(count, G) * G
-    exact = interpreting()
     pv_fp8 = quantized and pv_fp8
-    ksum, kv, z, kmean, vmean, vscale = _key_stats(k, v, block_k, q.dtype, linear, pv_fp8)
-    if quantized:
-        lut, q8, qscale = select_blocks(q, ksum, kmean, count, count_pad, block_q, block_k, quantize_q=True)
-        k8, kscale, v8 = quantize_keys_values(k, v, kmean, vmean, vscale, block_k, pv_fp8, exact)
-        Lq, Lp = n_qb * block_q, n_kb * block_k
-        qa, qs = q8, (H * Lq * D, D, Lq * D)
-        ka, ks = k8, (H * Lp * D, D, Lp * D)
-        if pv_fp8:
-            va, vs = v8, (H * D * Lp, 1, D * Lp, Lp)
-        else:
-            va, vs = v, (v.stride(0), v.stride(1), v.stride(2), 1)
-    else:
-        lut = select_blocks(q, ksum, kmean, count, count_pad, block_q, block_k)
-        qa, qs, qscale = q, (q.stride(0), q.stride(1), q.stride(2)), lut
-        ka, ks, kscale = k, (k.stride(0), k.stride(1), k.stride(2)), lut
-        va, vs = v, (v.stride(0), v.stride(1), v.stride(2), 1)
+    st = statistics(q, k, v, block_q, block_k, linear, v_stats=pv_fp8, quantize_q=quantized)
+    ops = dict(kv=st["kv"], z=st["z"], vmean=st["vmean"], vscale=st["vscale"], quantized=quantized, pv_fp8=pv_fp8,
+               v=(v, v.stride(0), v.stride(1), v.stride(2), 1))
+    ops["lut"] = select_blocks(st["qsum"], st["ksum"], st["kmean"], L, count, count_pad, block_q, block_k)
+    if not quantized:
+        ops["q"] = (q, q.stride(0), q.stride(1), q.stride(2))
+        ops["k"] = (k, k.stride(0), k.stride(1), k.stride(2))
+        ops["qscale"] = ops["kscale"] = st["kmean"]              # unused
+        return ops
+    ops["qscale"] = st["qscale"]
+    k8, ops["kscale"], v8 = quantize_keys_values(k, v, st["kmean"], st["vmean"], st["vscale"], block_k, pv_fp8,
+                                                 interpreting())
+    Lq, Lp = n_qb * block_q, n_kb * block_k
+    ops["q"] = (st["q8"], H * Lq * D, D, Lq * D)
+    ops["k"] = (k8, H * Lp * D, D, Lp * D)
+    if pv_fp8:
+        ops["v"] = (v8, H * D * Lp, 1, D * Lp, Lp)
+    return ops
+
+
+def attend(ops: dict, q, proj_w, proj_b, block_q: int, block_k: int, config: dict, linear: bool = True):
+    """Step 4, the attention kernel. Returns (out [B, L, H, D], the compiled kernel)."""
+    B, L, H, D = q.shape
+    n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
+    lut = ops["lut"]
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
-    bias = proj_b if proj_b is not None else proj_w
-    _attention_kernel[(n_qb, B * H)](
-        qa, *qs, ka, *ks, va, *vs, qscale, kscale, vscale, vmean, lut,
-        kv, z, proj_w, bias, q, q.stride(0), q.stride(1), q.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        H, L, n_qb, n_kb, count_pad, D ** -0.5 * LOG2E,
-        D=D, BLOCK_M=block_q, BLOCK_K=block_k, G=G, QUANT=quantized, PV_FP8=pv_fp8, LINEAR=linear,
-        HAS_BIAS=proj_b is not None, EXACT=exact, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, lut
+    compiled = _attention_kernel[(n_qb, B * H)](
+        *ops["q"], *ops["k"], *ops["v"], ops["qscale"], ops["kscale"], ops["vscale"], ops["vmean"], lut,
+        ops["kv"], ops["z"], proj_w, proj_b if proj_b is not None else proj_w,
+        q, q.stride(0), q.stride(1), q.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
+        H, L, n_qb, n_kb, lut.shape[-1], D ** -0.5 * LOG2E,
+        D=D, BLOCK_M=block_q, BLOCK_K=block_k, G=config["G"], QUANT=ops["quantized"], PV_FP8=ops["pv_fp8"],
+        LINEAR=linear, HAS_BIAS=proj_b is not None, EXACT=interpreting(),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out, compiled
+
+
+def sla_triton(q, k, v, proj_w, proj_b, count: int, block_q: int, block_k: int, quantized: bool, pv_fp8: bool,
+               config: dict | None = None, linear: bool = True):
+    """The Triton path. Returns (out [B, L, H, D], LUT int32 [B*H, n_qb, count_pad])."""
+    cfg = config or default_config(q.dtype, quantized, block_q, block_k, q.shape[-1])
+    count_pad = triton.cdiv(count, cfg["G"]) * cfg["G"]
+    ops = prepare(q, k, v, count, count_pad, block_q, block_k, quantized, pv_fp8, linear)
+    return attend(ops, q, proj_w, proj_b, block_q, block_k, cfg, linear)[0], ops["lut"]
 
 
 # --------------------------------------------------------------------------------------------- torch reference
@@ -395,7 +464,7 @@ def sparse_linear_attention(q, k, v, proj_w, proj_b, *, topk: float, block_q: in
         raise ValueError(f"the Triton kernels need a power-of-two head dim >= 16, not {D}; use impl='torch'")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     proj_w = proj_w.contiguous()
-    return _sla_triton(q, k, v, proj_w, proj_b, count, block_q, block_k, quantized, pv_fp8)[0]
+    return sla_triton(q, k, v, proj_w, proj_b, count, block_q, block_k, quantized, pv_fp8)[0]
 
 
 def block_lut(q, k, *, topk: float, block_q: int = 128, block_k: int = 64, impl: str = "auto") -> torch.Tensor:
@@ -407,8 +476,8 @@ def block_lut(q, k, *, topk: float, block_q: int = 128, block_k: int = 64, impl:
     if resolve_impl(impl, q) == "torch":
         return block_lut_ref(q, k, topk, block_q, block_k)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    ksum, _, _, kmean, _, _ = _key_stats(k, k, block_k, torch.float32, linear=False, v_stats=False)
-    lut = select_blocks(q, ksum, kmean, count, count, block_q, block_k)
+    st = statistics(q, k, k, block_q, block_k, linear=False)
+    lut = select_blocks(st["qsum"], st["ksum"], st["kmean"], L, count, count, block_q, block_k)
     return lut.view(B, H, -1, count).long()
 
 

@@ -106,6 +106,7 @@ CASES = [  # B, L, H, D, block_q, block_k, topk
     (1, 257, 1, 128, 64, 32, 0.5),       # D 128, one row in the last query block
     (1, 300, 2, 64, 128, 64, 1.0),       # every block: dense attention
     (1, 400, 1, 64, 64, 16, 0.01),       # one block per query block
+    (1, 300, 2, 64, 32, 64, 0.3),        # query blocks smaller than key blocks
 ]
 
 
@@ -213,6 +214,7 @@ GPU_CASES = [  # B, L, H, D, block_q, block_k, topk
     (1, 777, 2, 64, 128, 64, 1.0),
     (1, 3000, 2, 128, 128, 128, 0.15),
     (1, 2000, 1, 64, 64, 64, 0.02),
+    (1, 2500, 2, 128, 64, 128, 0.1),
 ]
 
 
