@@ -169,7 +169,4 @@ class ProgressDisplay:
             self._last = label
 
     def say(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(f"[yellow]{escape(message)}[/]")
-        else:
-            self.console.print(f"[yellow]{escape(message)}[/]")
+        self.console.print(f"[yellow]{escape(message)}[/]")   # above the bar while it is live
