@@ -163,3 +163,15 @@ def test_image_preprocessing_range_and_size():
     assert x.shape == (3, 48, 64) and x.min() >= -1 and x.max() <= 1
     same = pl.preprocess_image(rgb, 70, 50)
     assert torch.allclose(same, rgb.permute(2, 0, 1).float() / 127.5 - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("prompt,expect", [
+    ("a fox", ["short prompt (2 words)"]),
+    ("A red fox trots through fresh snow in a birch forest at dawn, cinematic light", []),
+    ("一只红色的狐狸在清晨的白桦林里穿过新雪，电影感的光线，浅景深，镜头缓慢推进", ["short prompt", "not in English"]),
+])
+def test_prompt_warnings(prompt, expect):
+    warnings = pl.prompt_warnings(prompt)
+    assert len(warnings) == len(expect)
+    for w, e in zip(warnings, expect):
+        assert e in w

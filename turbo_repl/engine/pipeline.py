@@ -41,6 +41,23 @@ class Job:
     image: torch.Tensor | None = None   # I2V: preprocessed [3, height, width] in [-1, 1]
 
 
+SHORT_PROMPT_WORDS = 8
+
+
+def prompt_warnings(prompt: str) -> list[str]:
+    """Advice, not errors: the distilled checkpoints were trained on long, detailed English prompts."""
+    warnings = []
+    words = prompt.split()
+    if len(words) < SHORT_PROMPT_WORDS:
+        warnings.append(f"short prompt ({len(words)} words): these models were trained on long, detailed prompts — "
+                        "describe the subject, the scene, the motion, the camera and the style")
+    letters = [c for c in prompt if c.isalpha()]
+    if letters and sum(c.isascii() for c in letters) < 0.5 * len(letters):
+        warnings.append("the prompt is mostly not in English: these models were trained on English prompts and may "
+                        "follow others less well")
+    return warnings
+
+
 def latent_shape(job: Job) -> tuple[int, ...]:
     if (job.frames - 1) % VAE_STRIDE[0]:
         raise ValueError(f"frames must be 4k+1 (e.g. 17, 33, 81), not {job.frames}")
