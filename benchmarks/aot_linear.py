@@ -33,9 +33,9 @@ def compile_gemm(fp8: bool, cfg: dict, **flags):
     types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32"] + ["i32"] * 9 + ["fp32"] * 2
     sig = dict(zip(names, types))
     const = dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                 FP8_OUT=False, ROW_BOUND=False, EVEN_K=True, GROUP_M=8)
+                 FP8_OUT=False, ROW_BOUND=False, FAST_GELU=True, EVEN_K=True, GROUP_M=8)
     const.update(flags)
-    const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+    const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("GROUP_M", "FAST_GELU")})
     sig.update({k: "constexpr" for k in const})
     aligned = [i for i, n in enumerate(names) if n not in ("M", "stride_asm", "stride_csm", "bound_coef", "bound_bias")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}

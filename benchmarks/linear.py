@@ -46,16 +46,18 @@ MODELS = {  # name: (dim, ffn_dim, tokens)
 TEXT = 512
 
 
-def C(bm, bn, bk, w, s, g=8):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
+def C(bm, bn, bk, w, s, g=8, fast_gelu=True):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, FAST_GELU=fast_gelu)
 
 
 # tile configurations tried by --sweep (every one compiles without spills for sm_90: benchmarks/aot_linear.py)
 CANDIDATES = {
-    "coarse": [C(128, 256, 128, 8, 3), C(128, 128, 128, 4, 4), C(256, 128, 128, 8, 3), C(128, 256, 64, 8, 4),
-               C(128, 256, 128, 8, 4), C(128, 256, 128, 8, 3, g=16)],
-    "per_k": [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 3), C(64, 128, 128, 4, 4)],
+    "coarse": [C(128, 256, 128, 8, 3), C(128, 256, 128, 8, 3, g=16), C(128, 256, 128, 8, 4), C(256, 128, 128, 8, 3),
+               C(128, 128, 128, 4, 3), C(128, 128, 128, 4, 2)],      # the last two: 2 CTAs per SM fit
+    "per_k": [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 3), C(64, 128, 128, 4, 3)],
 }
+# epilogue variants compared on the best tile of each GEMM with a GELU epilogue
+EPILOGUE_VARIANTS = {"exp GELU": dict(FAST_GELU=False)}
 
 
 def rel(out, ref) -> float:
@@ -70,12 +72,20 @@ def deq(pair):
 
 
 def bench(fn, smoke=False) -> float:
+    """Median ms over at least ~30 calls (or 150 ms of calls), after warm-up; CUDA events."""
     if smoke:
         fn()
         return float("nan")
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = start.elapsed_time(end)
+    return triton.testing.do_bench(fn, warmup=max(25, 5 * est), rep=max(150, 30 * est), return_mode="median")
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -334,6 +344,10 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
                     continue
                 t_def = bench(lambda: gemm8(a[0], a[1], w, ws, lay.b, **kw), smoke)
                 t, cfg = min(timings, key=lambda p: p[0]) if not smoke else timings[0]
+                if kw.get("gelu"):
+                    for vname, vflags in EPILOGUE_VARIANTS.items():
+                        tv = bench(lambda: gemm8(a[0], a[1], w, ws, lay.b, config={**cfg, **vflags}, **kw), smoke)
+                        log(f"      epilogue variant '{vname}': {tv:.3f} ms (vs {t:.3f})")
                 best[(key, rows, N, K)] = cfg
                 tf = 2 * rows * N * K / (t * 1e-3) / 1e12 if t == t else float("nan")
                 t_bf = bench(lambda: F.linear(x, lay.w, lay.b), smoke)
@@ -360,6 +374,7 @@ def run_model(name, device, configs, smoke, log):
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
+        "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
     }
     for run, fn in runs.items():
         try:
