@@ -35,7 +35,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from turbo_kernels import sla  # noqa: E402
 from turbo_kernels.block_map import block_lut_ref, key_block_count, select_blocks  # noqa: E402
-from turbo_kernels.sagesla import quantize_keys_values  # noqa: E402
+from turbo_kernels.sagesla import quantize_operands  # noqa: E402
 
 SHAPES = {"1.3b-480p": (1, 32760, 12, 128), "14b-720p": (1, 75600, 40, 128)}
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -139,24 +139,24 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
         cfg = sla.default_config(q.dtype, quantized, bq, bk, D)
         cp = triton.cdiv(count, cfg["G"]) * cfg["G"]
         try:
-            ops = sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)
+            ops = sla.prepare(q, k, v, w, count, cp, bq, bk, quantized, True)
         except Exception as e:   # noqa: BLE001
             print({"shape": name, "what": f"{mode} prepare", "error": f"{type(e).__name__}: {e}"[:300]}, flush=True)
             continue
         timings = {}
         if args.breakdown:
-            timings["prepare (1-3)"] = lambda: sla.prepare(q, k, v, count, cp, bq, bk, quantized, True)
-            timings["statistics (q, k, v pass)"] = lambda: sla.statistics(q, k, v, bq, bk, True, quantized, quantized)
-            st = sla.statistics(q, k, v, bq, bk, True, quantized, quantized)
-            for pps in (2, 8):
-                timings[f"statistics, {pps} programs/SM"] = \
-                    lambda pps=pps: sla.statistics(q, k, v, bq, bk, True, quantized, quantized, programs_per_sm=pps)
+            timings["prepare (1-3)"] = lambda: sla.prepare(q, k, v, w, count, cp, bq, bk, quantized, True)
+            timings["statistics (q, k, v pass)"] = lambda: sla.statistics(q, k, v, bq, bk, True, quantized)
+            st = sla.statistics(q, k, v, bq, bk, True, quantized)
+            for pps, nw in ((2, 8), (8, 8), (4, 4), (8, 4)):
+                timings[f"statistics, {pps} programs/SM, {nw} warps"] = \
+                    lambda pps=pps, nw=nw: sla.statistics(q, k, v, bq, bk, True, quantized, pps, nw)
             timings["select (block map)"] = lambda: select_blocks(st["qsum"], st["ksum"], st["kmean"], L, count, cp, bq, bk)
             if quantized:
-                timings["quantize k, v"] = lambda: quantize_keys_values(k, v, st["kmean"], st["vmean"], st["vscale"],
-                                                                        bk, True, False)
-            timings["attention kernel"] = lambda: sla.attend(ops, q, w, b, bq, bk, cfg)
-            timings["attention kernel, no linear branch"] = lambda: sla.attend(ops, q, w, b, bq, bk, cfg, linear=False)
+                timings["quantize q, k, v"] = lambda: quantize_operands(q, k, v, st["kmean"], st["vmean"], st["vscale"],
+                                                                        bq, bk, True, False)
+            timings["attention kernel"] = lambda: sla.attend(ops, q, b, bq, bk, cfg)
+            timings["attention kernel, no linear branch"] = lambda: sla.attend(ops, q, b, bq, bk, cfg, linear=False)
         for label, fn in timings.items():
             row = {"shape": name, "what": f"{mode} stage: {label}", "topk": topk, "blocks": f"{bq}x{bk}"}
             try:
@@ -167,20 +167,20 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
             results.append(row)
             print(row, flush=True)
         if args.breakdown:
-            _, compiled = sla.attend(ops, q, w, b, bq, bk, cfg)
+            _, compiled = sla.attend(ops, q, b, bq, bk, cfg)
             row = {"shape": name, "what": f"{mode} kernel info {cfg}", **kernel_info(compiled)}
             results.append(row)
             print(row, flush=True)
         if args.sweep:
-            sweep = [(2, 8, 2), (2, 8, 3), (2, 8, 4), (1, 8, 3), (1, 8, 4), (2, 4, 2), (4, 8, 2)]
-            for G, warps, st in sweep:
-                c = {"G": G, "num_warps": warps, "num_stages": st}
+            sweep = [(2, 8, 2), (2, 8, 3), (1, 8, 2), (1, 8, 3), (4, 8, 2)]
+            for G, warps, stg in sweep:
+                c = {"G": G, "num_warps": warps, "num_stages": stg}
                 row = {"shape": name, "what": f"{mode} attention kernel {c}", "topk": topk}
                 try:
                     cpg = triton.cdiv(count, G) * G
-                    ops_g = sla.prepare(q, k, v, count, cpg, bq, bk, quantized, True)
-                    _, compiled = sla.attend(ops_g, q, w, b, bq, bk, c)
-                    row["ms"] = median_ms(lambda: sla.attend(ops_g, q, w, b, bq, bk, c), rep)
+                    ops_g = sla.prepare(q, k, v, w, count, cpg, bq, bk, quantized, True)
+                    _, compiled = sla.attend(ops_g, q, b, bq, bk, c)
+                    row["ms"] = median_ms(lambda: sla.attend(ops_g, q, b, bq, bk, c), rep)
                     row.update(kernel_info(compiled))
                 except Exception as e:   # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {e}"[:200]

@@ -2,7 +2,7 @@
 
 * Q and K (K smoothed by subtracting its mean over the sequence, which leaves every softmax row unchanged): one
   scale per (batch, head, block of rows) = max|x| / 127 + 1e-7, values rounded half away from zero (TurboDiffusion's
-  SageSLA rule). Q blocks are quantised where the block map pools them (`block_map.select_blocks`), K blocks here.
+  SageSLA rule).
 * V (GPUs with FP8): smoothed by its mean over the sequence too — P·V of the smoothed V plus that mean is the
   same product, since each row of P sums to one — then scaled per channel by max|v - mean| / 448 into e4m3 and
   stored transposed, [B*H, D, padded L], the K-major operand layout of Hopper's FP8 tensor-core product.
@@ -38,18 +38,6 @@ def int8_block(x):
 
 
 @triton.jit
-def int8_rows(x, BLOCK: tl.constexpr):
-    """float32 [R, D] -> (int8 [R, D], scales [R // BLOCK]): one scale per BLOCK consecutive rows."""
-    R: tl.constexpr = x.shape[0]
-    D: tl.constexpr = x.shape[1]
-    x3 = tl.reshape(x, [R // BLOCK, BLOCK, D])
-    scale = tl.max(tl.max(tl.abs(x3), axis=2), axis=1) / 127.0 + 1e-7
-    y = x3 / scale[:, None, None]
-    y = y + tl.where(y >= 0, 0.5, -0.5)
-    return tl.reshape(y.to(tl.int8), [R, D]), scale
-
-
-@triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
     """float32 (|x| <= 448) -> float8e4nv, round to nearest even. The GPU's cast does this; the interpreter's
     does not (EXACT rounds first, through the shared 8-bit helpers)."""
@@ -60,43 +48,61 @@ def to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kv_kernel(k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh,
-                        kmean_ptr, vmean_ptr, vscale_ptr, k8_ptr, kscale_ptr, v8_ptr,
-                        H, L, n_kb, Lp,
-                        D: tl.constexpr, BLOCK_K: tl.constexpr, PV_FP8: tl.constexpr, EXACT: tl.constexpr):
+def _quantize_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh,
+                     kmean_ptr, vmean_ptr, vscale_ptr, q8_ptr, qscale_ptr, k8_ptr, kscale_ptr, v8_ptr,
+                     H, L, n_qb, n_kb, Lq, Lp,
+                     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PV_FP8: tl.constexpr,
+                     EXACT: tl.constexpr):
+    """Program i < n_kb: key block i (int8 k - kmean, e4m3 (v - vmean) / vscale transposed); else query block
+    i - n_kb (int8 q)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
-    rows = blk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    ok = (rows < L)[:, None]
-    k = tl.load(k_ptr + b.to(tl.int64) * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0)
-    k = tl.where(ok, k.to(tl.float32) - tl.load(kmean_ptr + bh * D + offs_d)[None, :], 0.0)
-    k8, scale = int8_block(k)
-    tl.store(k8_ptr + (bh.to(tl.int64) * Lp + rows[:, None]) * D + offs_d[None, :], k8)
-    tl.store(kscale_ptr + bh * n_kb + blk, scale)
-    if PV_FP8:
-        v = tl.load(v_ptr + b.to(tl.int64) * s_vb + h * s_vh + rows[:, None] * s_vl + offs_d[None, :], mask=ok, other=0.0)
-        v = (v.to(tl.float32) - tl.load(vmean_ptr + bh * D + offs_d)[None, :]) / tl.load(vscale_ptr + bh * D + offs_d)[None, :]
-        v = tl.where(ok, tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), 0.0)
-        tl.store(v8_ptr + (bh.to(tl.int64) * D + offs_d[None, :]) * Lp + rows[:, None], to_e4m3(v, EXACT))
+    if blk < n_kb:
+        rows = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (rows < L)[:, None]
+        k = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0)
+        k = tl.where(ok, k.to(tl.float32) - tl.load(kmean_ptr + bh * D + offs_d)[None, :], 0.0)
+        k8, scale = int8_block(k)
+        tl.store(k8_ptr + (bh.to(tl.int64) * Lp + rows[:, None]) * D + offs_d[None, :], k8)
+        tl.store(kscale_ptr + bh * n_kb + blk, scale)
+        if PV_FP8:
+            v = tl.load(v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_d[None, :], mask=ok, other=0.0)
+            v = (v.to(tl.float32) - tl.load(vmean_ptr + bh * D + offs_d)[None, :]) / \
+                tl.load(vscale_ptr + bh * D + offs_d)[None, :]
+            v = tl.where(ok, tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), 0.0)
+            tl.store(v8_ptr + (bh.to(tl.int64) * D + offs_d[None, :]) * Lp + rows[:, None], to_e4m3(v, EXACT))
+    else:
+        qb = blk - n_kb
+        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        ok = (rows < L)[:, None]
+        x = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + offs_d[None, :], mask=ok, other=0.0)
+        x8, scale = int8_block(x.to(tl.float32))
+        tl.store(q8_ptr + (bh.to(tl.int64) * Lq + rows[:, None]) * D + offs_d[None, :], x8)
+        tl.store(qscale_ptr + bh * n_qb + qb, scale)
 
 
-def quantize_keys_values(k, v, kmean, vmean, vscale, block_k: int, pv_fp8: bool, exact_casts: bool):
-    """k, v [B, L, H, D] (last dim contiguous); kmean, vmean, vscale [B*H, D] float32 ->
-    (k8 int8 [B*H, Lp, D], kscale float32 [B*H, n_kb], v8 float8 [B*H, D, Lp] or None), Lp = n_kb * block_k."""
+def quantize_operands(q, k, v, kmean, vmean, vscale, block_q: int, block_k: int, pv_fp8: bool, exact_casts: bool):
+    """q, k, v [B, L, H, D] (last dim contiguous); kmean, vmean, vscale [B*H, D] float32 -> (q8 int8 [B*H, Lq, D],
+    qscale [B*H, n_qb], k8 int8 [B*H, Lp, D], kscale [B*H, n_kb], v8 e4m3 [B*H, D, Lp] or None), Lq, Lp the
+    lengths padded to whole blocks (padding rows are 0)."""
     B, L, H, D = k.shape
-    n_kb = triton.cdiv(L, block_k)
-    Lp = n_kb * block_k
-    k8 = torch.empty(B * H, Lp, D, device=k.device, dtype=torch.int8)
-    kscale = torch.empty(B * H, n_kb, device=k.device, dtype=torch.float32)
-    v8 = torch.empty(B * H, D, Lp, device=k.device, dtype=torch.float8_e4m3fn) if pv_fp8 else None
-    _quantize_kv_kernel[(n_kb, B * H)](
-        k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
-        kmean, vmean, vscale, k8, kscale, v8 if pv_fp8 else k8,
-        H, L, n_kb, Lp, D=D, BLOCK_K=block_k, PV_FP8=pv_fp8, EXACT=exact_casts, num_warps=4)
-    return k8, kscale, v8
+    n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
+    Lq, Lp = n_qb * block_q, n_kb * block_k
+    dev = k.device
+    q8 = torch.empty(B * H, Lq, D, device=dev, dtype=torch.int8)
+    k8 = torch.empty(B * H, Lp, D, device=dev, dtype=torch.int8)
+    qscale = torch.empty(B * H, n_qb, device=dev, dtype=torch.float32)
+    kscale = torch.empty(B * H, n_kb, device=dev, dtype=torch.float32)
+    v8 = torch.empty(B * H, D, Lp, device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None
+    _quantize_kernel[(n_kb + n_qb, B * H)](
+        q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2), kmean, vmean, vscale, q8, qscale, k8, kscale,
+        v8 if pv_fp8 else k8, H, L, n_qb, n_kb, Lq, Lp,
+        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, PV_FP8=pv_fp8, EXACT=exact_casts, num_warps=4)
+    return q8, qscale, k8, kscale, v8
 
 
 # --------------------------------------------------------------------------------------------- torch references

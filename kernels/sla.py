@@ -3,20 +3,20 @@
     out = softmax(q kᵀ / sqrt(D)) v  over the key blocks the block map selects      (o_s, the sparse branch)
         + proj_l( φ(q) (φ(k)ᵀ v) / (1e-5 + φ(q) · Σ_L φ(k)) ),  φ = softmax over D   (the linear branch, all keys)
 
-`sparse_linear_attention` runs it through Triton (four launches: key pass, statistics, block selection, attention;
-SageSLA adds the K/V quantisation) or through the plain-torch reference `sla_ref`, which is what CPU runs use and
-what the kernels are tested against.
+`sparse_linear_attention` runs it through Triton or through the plain-torch reference `sla_ref`, which is what CPU
+runs use and what the kernels are tested against.
 
-Triton path:
-1. key pass (`_key_pass_kernel`), k and v read once: the row sums of every key block (block map), φ(k)ᵀv and
-   Σφ(k) (linear branch), and for SageSLA the sums, maxima and minima of v — as per-chunk partials, reduced by
-   `_key_stats_kernel` (deterministic: no atomics).
-2. `block_map.select_blocks`: pooled q, scores, top-k LUT (and int8 q for SageSLA).
-3. SageSLA only: `sagesla.quantize_keys_values`.
+Triton path (`prepare`, then `attend`):
+1. `_stats_kernel`: one pass over q, k, v — the block sums of q and k (block map), and per chunk of rows the
+   partials of φ(k)ᵀv, Σφ(k), Σk (linear branch, K's mean) and for SageSLA Σv, max v, max -v — reduced by
+   `_key_stats_kernel` (deterministic: no atomics). proj_l is folded into the linear branch: M = (φ(k)ᵀv)·Wᵀ.
+2. `block_map.select_blocks`: scores and the top-k LUT.
+3. SageSLA only: `sagesla.quantize_operands` (int8 q and k, e4m3 v).
 4. `_attention_kernel`: one program per (query block, batch·head). Loops over the LUT, G key blocks per step
    (G·block_k keys gathered per product), online softmax in base 2 with the running maximum kept on integers;
-   the ragged last key block and LUT padding are masked in the last step only. The epilogue applies the linear
-   branch (φ(q)·KV, the normaliser, proj_l) to its own rows and writes out in [B, L, H, D] — no layout copies.
+   the ragged last key block and LUT padding are masked in the last step only. The epilogue adds the linear
+   branch, (φ(q)/den)·M + b, as one more product accumulated onto the output, and writes [B, L, H, D] — no layout
+   copies anywhere.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._runtime import available_backends, has_fp8, interpreting, resolve_impl, sm_count
 from .block_map import block_lut_ref, check_block_sizes, key_block_count, lut_to_mask, select_blocks
-from .sagesla import LOG2_FP8_MAX, int8_blocks_ref, int8_rows, quantize_keys_values, round_fp8_ref, to_e4m3, v_fp8_ref
+from .sagesla import LOG2_FP8_MAX, int8_blocks_ref, quantize_operands, round_fp8_ref, to_e4m3, v_fp8_ref
 
 __all__ = ["sparse_linear_attention", "block_map", "block_lut", "available_backends", "sla_ref"]
 
@@ -42,12 +42,11 @@ _LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
 
 @triton.jit
 def _stats_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh,
-                  qsum_ptr, ksum_ptr, part_ptr, vext_ptr, q8_ptr, qscale_ptr,
-                  H, L, n_qb, n_kb, steps_per_chunk, n_chunks,
+                  qsum_ptr, ksum_ptr, part_ptr, vext_ptr, H, L, n_qb, n_kb, steps_per_chunk, n_chunks,
                   D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
-                  LINEAR: tl.constexpr, V_STATS: tl.constexpr, QUANT_Q: tl.constexpr):
+                  LINEAR: tl.constexpr, V_STATS: tl.constexpr):
     """One chunk of rows of one (batch, head), R rows (whole query and key blocks) per step: block sums of q and
-    k, int8 q (SageSLA), and the chunk's partials of φ(k)ᵀv, Σφ(k), Σk, Σv, max v, max -v."""
+    k, and the chunk's partials of φ(k)ᵀv, Σφ(k), Σk, and (SageSLA) Σv, max v, max -v."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -71,11 +70,6 @@ def _stats_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb,
         qb = step * NQ + tl.arange(0, NQ)
         qsum = tl.sum(tl.reshape(x, [NQ, BLOCK_Q, D]), axis=1)
         tl.store(qsum_ptr + (bh * n_qb + qb)[:, None] * D + offs_d[None, :], qsum, mask=(qb < n_qb)[:, None])
-        if QUANT_Q:
-            x8, scale = int8_rows(x, BLOCK_Q)
-            tl.store(q8_ptr + (bh.to(tl.int64) * n_qb * BLOCK_Q + rows[:, None]) * D + offs_d[None, :], x8,
-                     mask=(rows < n_qb * BLOCK_Q)[:, None])
-            tl.store(qscale_ptr + bh * n_qb + qb, scale, mask=qb < n_qb)
 
         kx = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0)
         kx = kx.to(tl.float32)
@@ -207,27 +201,25 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row,
 
 
 @triton.jit
-def _linear_branch(qf_ptr, s_fl, offs_m, row_ok, kv_ptr, z_ptr, w_ptr, bias_ptr, bh,
-                   D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """proj_l(φ(q)·KV / (1e-5 + φ(q)·z)) for this program's rows; KV, z from the key pass."""
+def _add_linear_branch(o, qf_ptr, s_fl, offs_m, row_ok, m_ptr, z_ptr, bias_ptr, bh,
+                       D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """o + proj_l(φ(q)·KV / (1e-5 + φ(q)·z)) = o + (φ(q) / den)·(KV·Wᵀ) + b, one product accumulated onto o."""
     offs_d = tl.arange(0, D)
     x = tl.load(qf_ptr + offs_m[:, None] * s_fl + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     phi = e / tl.sum(e, axis=1)[:, None]
     den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + 1e-5
-    kv = tl.load(kv_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
-    o_l = tl.dot(phi.to(kv.dtype), kv) / den[:, None]
-    w_t = tl.load(w_ptr + offs_d[None, :] * D + offs_d[:, None]).to(kv.dtype)   # proj_l.weight, transposed
-    lin = tl.dot(o_l.to(kv.dtype), w_t)
+    mat = tl.load(m_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
+    o = tl.dot((phi / den[:, None]).to(mat.dtype), mat, o)
     if HAS_BIAS:
-        lin += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
-    return lin
+        o += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
+    return o
 
 
 @triton.jit
 def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh, s_vd,
                       qscale_ptr, kscale_ptr, vscale_ptr, vmean_ptr, lut_ptr,
-                      kv_ptr, z_ptr, w_ptr, bias_ptr, qf_ptr, s_fb, s_fl, s_fh, o_ptr, s_ob, s_ol, s_oh,
+                      m_ptr, z_ptr, bias_ptr, qf_ptr, s_fb, s_fl, s_fh, o_ptr, s_ob, s_ol, s_oh,
                       H, L, n_qb, n_kb, count_pad, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
                       QUANT: tl.constexpr, PV_FP8: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -239,12 +231,6 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = (offs_m < L)[:, None]
-    o_ptrs = o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
-    if LINEAR:   # first, while no attention state occupies registers; parked in `out` until the end
-        lin = _linear_branch(qf_ptr + b * s_fb + h * s_fh, s_fl, offs_m, row_ok, kv_ptr, z_ptr, w_ptr, bias_ptr, bh,
-                             D, HAS_BIAS)
-        tl.store(o_ptrs, lin.to(o_ptr.dtype.element_ty), mask=row_ok)
-
     q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=row_ok, other=0)
     q_scale = qk_scale
     if QUANT:
@@ -266,9 +252,10 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
     if PV_FP8:
         o = o * tl.load(vscale_ptr + bh * D + offs_d)[None, :] + tl.load(vmean_ptr + bh * D + offs_d)[None, :]
     if LINEAR:
-        tl.debug_barrier()
-        o += tl.load(o_ptrs, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+        o = _add_linear_branch(o, qf_ptr + b * s_fb + h * s_fh, s_fl, offs_m, row_ok, m_ptr, z_ptr, bias_ptr, bh,
+                               D, HAS_BIAS)
+    tl.store(o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -282,10 +269,9 @@ def default_config(dtype: torch.dtype, quantized: bool, block_q: int, block_k: i
 
 
 def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats: bool = False,
-               quantize_q: bool = False, programs_per_sm: int = 4) -> dict:
+               programs_per_sm: int = 4, num_warps: int | None = None) -> dict:
     """Steps 1 and 2: one pass over q, k, v, then the reduction of its partials. Returns float32 block sums
-    `qsum` [BH, n_qb, D] and `ksum` [BH, n_kb, D]; `kv` [BH, D, D] (q's dtype), `z`, `kmean`, `vmean`, `vscale`
-    [BH, D]; with `quantize_q`, `q8` int8 [BH, n_qb * block_q, D] and `qscale` [BH, n_qb]."""
+    `qsum` [BH, n_qb, D] and `ksum` [BH, n_kb, D], `kv` [BH, D, D], `z`, `kmean`, `vmean`, `vscale` [BH, D]."""
     B, L, H, D = q.shape
     BH, dev = B * H, q.device
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
@@ -297,16 +283,13 @@ def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats
     st = dict(qsum=torch.empty(BH, n_qb, D, **f32), ksum=torch.empty(BH, n_kb, D, **f32))
     part = torch.empty(BH, chunks, D * D + 3 * D, **f32)
     vext = torch.empty(BH, chunks, 2 * D, **f32) if v_stats else part
-    if quantize_q:
-        st["q8"] = torch.empty(BH, n_qb * block_q, D, device=dev, dtype=torch.int8)
-        st["qscale"] = torch.empty(BH, n_qb, **f32)
     _stats_kernel[(chunks, BH)](
         q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), st["qsum"], st["ksum"], part, vext,
-        st.get("q8", part), st.get("qscale", part), H, L, n_qb, n_kb, per_chunk, chunks,
-        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, R=R, LINEAR=linear, V_STATS=v_stats, QUANT_Q=quantize_q,
-        num_warps=8 if R * D >= 8192 else 4)
-    st["kv"] = torch.empty(BH, D, D, device=dev, dtype=q.dtype)
+        H, L, n_qb, n_kb, per_chunk, chunks,
+        D=D, BLOCK_Q=block_q, BLOCK_K=block_k, R=R, LINEAR=linear, V_STATS=v_stats,
+        num_warps=num_warps or (8 if R * D >= 8192 else 4))
+    st["kv"] = torch.empty(BH, D, D, **f32)
     for name in ("z", "kmean", "vmean", "vscale"):
         st[name] = torch.empty(BH, D, **f32)
     rb = 16
@@ -315,33 +298,33 @@ def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats
     return st
 
 
-def prepare(q, k, v, count: int, count_pad: int, block_q: int, block_k: int, quantized: bool, pv_fp8: bool,
-            linear: bool = True) -> dict:
-    """Steps 1-3 (statistics, block selection, SageSLA's K/V quantisation): the attention kernel's operands."""
+def prepare(q, k, v, proj_w, count: int, count_pad: int, block_q: int, block_k: int, quantized: bool,
+            pv_fp8: bool, linear: bool = True) -> dict:
+    """Steps 1-3 (statistics, block selection, SageSLA's quantisation): the attention kernel's operands."""
     B, L, H, D = q.shape
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
     pv_fp8 = quantized and pv_fp8
-    st = statistics(q, k, v, block_q, block_k, linear, v_stats=pv_fp8, quantize_q=quantized)
-    ops = dict(kv=st["kv"], z=st["z"], vmean=st["vmean"], vscale=st["vscale"], quantized=quantized, pv_fp8=pv_fp8,
-               v=(v, v.stride(0), v.stride(1), v.stride(2), 1))
+    st = statistics(q, k, v, block_q, block_k, linear, v_stats=pv_fp8)
+    ops = dict(z=st["z"], vmean=st["vmean"], vscale=st["vscale"], quantized=quantized, pv_fp8=pv_fp8,
+               v=(v, v.stride(0), v.stride(1), v.stride(2), 1),
+               m=torch.matmul(st["kv"], proj_w.float().t()).to(q.dtype))    # proj_l folded into KV: KV·Wᵀ
     ops["lut"] = select_blocks(st["qsum"], st["ksum"], st["kmean"], L, count, count_pad, block_q, block_k)
     if not quantized:
         ops["q"] = (q, q.stride(0), q.stride(1), q.stride(2))
         ops["k"] = (k, k.stride(0), k.stride(1), k.stride(2))
         ops["qscale"] = ops["kscale"] = st["kmean"]              # unused
         return ops
-    ops["qscale"] = st["qscale"]
-    k8, ops["kscale"], v8 = quantize_keys_values(k, v, st["kmean"], st["vmean"], st["vscale"], block_k, pv_fp8,
-                                                 interpreting())
+    q8, ops["qscale"], k8, ops["kscale"], v8 = quantize_operands(
+        q, k, v, st["kmean"], st["vmean"], st["vscale"], block_q, block_k, pv_fp8, interpreting())
     Lq, Lp = n_qb * block_q, n_kb * block_k
-    ops["q"] = (st["q8"], H * Lq * D, D, Lq * D)
+    ops["q"] = (q8, H * Lq * D, D, Lq * D)
     ops["k"] = (k8, H * Lp * D, D, Lp * D)
     if pv_fp8:
         ops["v"] = (v8, H * D * Lp, 1, D * Lp, Lp)
     return ops
 
 
-def attend(ops: dict, q, proj_w, proj_b, block_q: int, block_k: int, config: dict, linear: bool = True):
+def attend(ops: dict, q, proj_b, block_q: int, block_k: int, config: dict, linear: bool = True):
     """Step 4, the attention kernel. Returns (out [B, L, H, D], the compiled kernel)."""
     B, L, H, D = q.shape
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
@@ -349,7 +332,7 @@ def attend(ops: dict, q, proj_w, proj_b, block_q: int, block_k: int, config: dic
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     compiled = _attention_kernel[(n_qb, B * H)](
         *ops["q"], *ops["k"], *ops["v"], ops["qscale"], ops["kscale"], ops["vscale"], ops["vmean"], lut,
-        ops["kv"], ops["z"], proj_w, proj_b if proj_b is not None else proj_w,
+        ops["m"], ops["z"], proj_b if proj_b is not None else ops["z"],
         q, q.stride(0), q.stride(1), q.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
         H, L, n_qb, n_kb, lut.shape[-1], D ** -0.5 * LOG2E,
         D=D, BLOCK_M=block_q, BLOCK_K=block_k, G=config["G"], QUANT=ops["quantized"], PV_FP8=ops["pv_fp8"],
@@ -363,8 +346,8 @@ def sla_triton(q, k, v, proj_w, proj_b, count: int, block_q: int, block_k: int, 
     """The Triton path. Returns (out [B, L, H, D], LUT int32 [B*H, n_qb, count_pad])."""
     cfg = config or default_config(q.dtype, quantized, block_q, block_k, q.shape[-1])
     count_pad = triton.cdiv(count, cfg["G"]) * cfg["G"]
-    ops = prepare(q, k, v, count, count_pad, block_q, block_k, quantized, pv_fp8, linear)
-    return attend(ops, q, proj_w, proj_b, block_q, block_k, cfg, linear)[0], ops["lut"]
+    ops = prepare(q, k, v, proj_w, count, count_pad, block_q, block_k, quantized, pv_fp8, linear)
+    return attend(ops, q, proj_b, block_q, block_k, cfg, linear)[0], ops["lut"]
 
 
 # --------------------------------------------------------------------------------------------- torch reference
