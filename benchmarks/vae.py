@@ -4,12 +4,13 @@
     python3 benchmarks/vae.py --before .bench/vae_before.py [--sizes 480p,720p] [--runs 5] [--profile] [--out DIR]
 
 Real architecture (dim 96), random weights (`deterministic_init`), a N(0, 1) latent of 21 frames (81 video frames).
-Checks first, on the 480p latent: the Triton norm kernel against its torch reference; this decode in float32
+Checks first, on a 480p latent (--check-frames): the Triton kernels against their torch references; this decode in float32
 against the earlier one in float32 (TF32 off); both in bf16 against that float32 result (rel-L2 and max error
 over max |ref|), and against each other. Then times `decode` (bf16, synchronised wall clock, median of --runs
-after one warm-up run, which includes cuDNN's algorithm search) for: the earlier path as it was, the earlier path
-with cuDNN autotuning, this path, and this path with the plain-torch norm instead of the Triton kernel. --profile
-adds the top CUDA kernels of one decode of each path.
+after one warm-up run, which includes cuDNN's algorithm search: reported as `first`) for: the earlier path as it
+was, the earlier path with cuDNN autotuning, this path, and this path with the plain-torch norm and bias add in
+place of the Triton kernels (--variants picks some; the first size gets all, the others the first and third).
+--profile adds the top CUDA kernels of one decode of each path.
 """
 
 from __future__ import annotations
@@ -78,13 +79,21 @@ def check_kernel():
         ref = vae_ops.rms_norm_silu_ref(x.double(), gamma.double(), bias.double())
         e = errors(buf[:, :, 2:], ref)
         ok = torch.isnan(buf[:, :, :2]).all().item() and e["rel_l2"] < (1e-2 if dtype == torch.bfloat16 else 1e-6)
-        rows.append({"C": c, "dtype": str(dtype), **e, "ok": ok})
+        rows.append({"op": "rms_norm_silu", "C": c, "dtype": str(dtype), **e, "ok": ok})
+        h, res = x.clone(), torch.randn_like(x)
+        ref = vae_ops.add_bias_ref(h.double(), bias, res.double())
+        e = errors(vae_ops.add_bias_triton(h, bias, res), ref)
+        rows.append({"op": "add_bias", "C": c, "dtype": str(dtype), **e,
+                     "ok": e["rel_l2"] < (1e-2 if dtype == torch.bfloat16 else 1e-6)})
     return rows
 
 
 def timed(decode, z, runs):
+    sync()
+    t = time.perf_counter()
     decode(z)                                    # warm-up: compilation, cuDNN algorithm search
     sync()
+    first = time.perf_counter() - t
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -94,7 +103,7 @@ def timed(decode, z, runs):
         decode(z)
         sync()
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+    return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else 0.0}
 
 
@@ -112,15 +121,15 @@ def profile(decode, z, top=15):
     return {"total_ms": sum(k[1] for k in kernels), "top": kernels[:top]}
 
 
-class TorchNorm:
-    """This path with the plain-torch norm (the reference) in place of the Triton kernel."""
+class TorchElementwise:
+    """This path with the plain-torch references in place of the Triton kernels."""
 
     def __enter__(self):
-        self.saved = vae_mod.rms_norm_silu
-        vae_mod.rms_norm_silu = vae_ops.rms_norm_silu_ref
+        self.saved = vae_mod.rms_norm_silu, vae_mod.add_bias
+        vae_mod.rms_norm_silu, vae_mod.add_bias = vae_ops.rms_norm_silu_ref, vae_ops.add_bias_ref
 
     def __exit__(self, *exc):
-        vae_mod.rms_norm_silu = self.saved
+        vae_mod.rms_norm_silu, vae_mod.add_bias = self.saved
 
 
 class CudnnAutotune:
@@ -137,7 +146,11 @@ def main() -> int:
     ap.add_argument("--before", required=True, help="path of the earlier vae.py")
     ap.add_argument("--sizes", default="480p,720p")
     ap.add_argument("--check-size", default="480p", help="latent size of the correctness checks")
+    ap.add_argument("--check-frames", type=int, default=LATENT_FRAMES, help="latent frames of the checks")
+    ap.add_argument("--frames", type=int, default=LATENT_FRAMES, help="latent frames")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--variants", default="0,1,2,3", help="indices into: earlier, earlier + cudnn autotune, "
+                    "this, this with torch elementwise")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None, help="folder for vae.json and the profiles")
     args = ap.parse_args()
@@ -147,7 +160,7 @@ def main() -> int:
 
     report["checks"]["kernel"] = check_kernel()
     for r in report["checks"]["kernel"]:
-        print(f"kernel C={r['C']:4d} {r['dtype']:15s} rel-L2 {r['rel_l2']:.2e}  max {r['rel_max']:.2e}  "
+        print(f"{r['op']:14s} C={r['C']:4d} {r['dtype']:15s} rel-L2 {r['rel_l2']:.2e}  max {r['rel_max']:.2e}  "
               f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
 
     with torch.device(DEVICE):
@@ -157,7 +170,7 @@ def main() -> int:
     gen = torch.Generator(DEVICE).manual_seed(0)
 
     # ---- correctness
-    z = torch.randn(1, 16, LATENT_FRAMES, *SIZES[args.check_size], generator=gen, device=DEVICE)
+    z = torch.randn(1, 16, args.check_frames, *SIZES[args.check_size], generator=gen, device=DEVICE)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     ref = old.float().decode(z)
@@ -171,7 +184,7 @@ def main() -> int:
     checks["bf16 this vs float32"] = errors(new16, ref)
     checks["bf16 this vs bf16 earlier"] = errors(new16, old16)
     del ref, old16, new16
-    report["checks"][f"decode {args.check_size}"] = checks
+    report["checks"][f"decode {args.check_size}, {args.check_frames} latent frames"] = checks
     for name, e in checks.items():
         print(f"{name:28s} rel-L2 {e['rel_l2']:.2e}  max {e['rel_max']:.2e}", flush=True)
     ok = (checks["float32 this vs earlier"]["rel_max"] <= 1e-4
@@ -182,9 +195,10 @@ def main() -> int:
 
     # ---- timings
     variants = [("earlier", old.decode, None), ("earlier + cudnn autotune", old.decode, CudnnAutotune),
-                ("this", new.decode, None), ("this, torch norm", new.decode, TorchNorm)]
+                ("this", new.decode, None), ("this, torch elementwise", new.decode, TorchElementwise)]
+    variants = [variants[int(i)] for i in args.variants.split(",")]
     for size in args.sizes.split(","):
-        z = torch.randn(1, 16, LATENT_FRAMES, *SIZES[size], generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        z = torch.randn(1, 16, args.frames, *SIZES[size], generator=gen, device=DEVICE, dtype=torch.bfloat16)
         for name, decode, ctx in variants:
             if size != args.sizes.split(",")[0] and name not in ("earlier", "this"):
                 continue
@@ -194,7 +208,8 @@ def main() -> int:
                     t["profile"] = profile(decode, z)
             report["timings"].append({"size": size, "variant": name, **t})
             print(f"{size} {name:26s} {t['median_s'] * 1e3:8.1f} ms  (min {t['min_s'] * 1e3:.1f}, "
-                  f"max {t['max_s'] * 1e3:.1f})  peak {t['peak_gib']:.2f} GiB", flush=True)
+                  f"max {t['max_s'] * 1e3:.1f}, first {t['first_s'] * 1e3:.0f})  peak {t['peak_gib']:.2f} GiB",
+                  flush=True)
 
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,12 +220,13 @@ def main() -> int:
             print(f"\n--- {row['variant']}: CUDA kernels {p['total_ms']:.0f} ms")
             for key, ms, n in p["top"]:
                 print(f"{ms:8.1f} ms {n:6d}x  {key[:110]}")
-    print(f"\n{report['device']}, torch {report['torch']}; bf16 decode of {LATENT_FRAMES} latent frames, "
+    print(f"\n{report['device']}, torch {report['torch']}; bf16 decode of {args.frames} latent frames, "
           f"median of {args.runs}")
     base = {r["size"]: r["median_s"] for r in report["timings"] if r["variant"] == "earlier"}
     for r in report["timings"]:
-        print(f"{r['size']:5s} {r['variant']:26s} {r['median_s'] * 1e3:8.1f} ms  x{base[r['size']] / r['median_s']:.2f}"
-              f"  peak {r['peak_gib']:.2f} GiB")
+        speedup = f"x{base[r['size']] / r['median_s']:.2f}" if r["size"] in base else ""
+        print(f"{r['size']:5s} {r['variant']:26s} {r['median_s'] * 1e3:8.1f} ms {speedup:6s} first "
+              f"{r['first_s'] * 1e3:6.0f} ms  peak {r['peak_gib']:.2f} GiB")
     print("checks", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from turbo_repl.models.registry import get_model
 from turbo_repl.models.tiny import deterministic_init, seed_for
-from turbo_repl.models.vae import CausalConv3d, Resample, WanVAE
+from turbo_repl.models.vae import CausalConv3d, Resample, WanVAE, _upsample_conv
 
 STREAM = Path(__file__).parent / "data" / "vae_stream.safetensors"
 
@@ -171,6 +171,21 @@ def test_tiled_decode_differs_only_near_the_seam(tiny_vae):
     assert err[far].max() <= 1e-5
     assert err.max() > 1e-5   # a small overlap is not exact: this test can see the seam
     assert rel_l2(tiled, full) <= 2e-2
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 4)])
+def test_upsample_conv_is_nearest_upsampling_then_the_conv(size):
+    """The decoder's x2 upsampling runs as one 2x2 conv per output phase; the reference upsamples, then convolves."""
+    g = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(6, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(3, generator=g))
+        x = torch.randn(2, 6, 3, *size, generator=g)
+        frames = x.transpose(1, 2).flatten(0, 1)
+        want = conv(torch.nn.functional.interpolate(frames, scale_factor=2.0, mode="nearest-exact"))
+        got = _upsample_conv(x.contiguous(memory_format=torch.channels_last_3d), conv)
+    assert rel_max(got.transpose(1, 2).flatten(0, 1), want) <= 1e-6
 
 
 def test_tiny_config_round_trip_shapes(tiny_vae):
