@@ -201,6 +201,31 @@ class Pipelines:
         return outs, f0, lin("f2", q(F.gelu(f0, approximate="tanh")))
 
 
+class ModulePipeline:
+    """The block's linears through the nn.Modules the DiT uses (default tile configurations): fused norms
+    emitting the 8-bit input, Int8Linear / Fp8Linear, and feed_forward (GELU + quantisation in ffn.0)."""
+
+    def __init__(self, pl: Pipelines, cls):
+        from turbo_repl.models.linear import feed_forward
+
+        self.pl, self.feed_forward = pl, feed_forward
+        self.m = {}
+        for n, lay in pl.L.items():
+            lin = torch.nn.Linear(lay.w.shape[1], lay.w.shape[0], device=lay.w.device, dtype=lay.w.dtype)
+            lin.requires_grad_(False).weight.copy_(lay.w)
+            lin.bias.copy_(lay.b)
+            self.m[n] = cls.from_linear(lin)
+        self.ffn = torch.nn.Sequential(self.m["f0"], torch.nn.GELU(approximate="tanh"), self.m["f2"])
+
+    def __call__(self):
+        m, i, fmt = self.m, self.pl.inp, self.m["q"].input_format
+        h1 = layernorm_triton(i["x"], eps=1e-6, out=fmt, **i["mod"])
+        h3 = layernorm_triton(i["x"], eps=1e-6, out=fmt, **i["n3"])
+        h2 = layernorm_triton(i["x"], eps=1e-6, out=fmt, **i["mod"])
+        return [m["q"](h1), m["k"](h1), m["v"](h1), m["o"](i["attn"]), m["cq"](h3), m["ck"](i["ctx"]),
+                m["cv"](i["ctx"]), m["co"](i["cross"]), self.feed_forward(self.ffn, h2)]
+
+
 def errors(pl: Pipelines, name: str, rows: int) -> dict:
     """rel-L2 vs float32 of q (dim->dim), ffn.0 + GELU and ffn.2, on the first `rows` tokens."""
     L = pl.L
@@ -360,7 +385,7 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
     return best
 
 
-def run_model(name, device, configs, smoke, log):
+def run_model(name, device, configs, smoke, log, modules=False):
     dim, ffn, M = MODELS[name]
     layers, g = make_block(dim, ffn, device)
     inp = make_inputs(dim, ffn, M, device, g)
@@ -376,19 +401,29 @@ def run_model(name, device, configs, smoke, log):
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
     }
+    if modules:
+        from turbo_repl.models.linear import Fp8Linear, Int8Linear
+
+        runs = {k: v for k, v in runs.items() if k.startswith("bf16") or k in ("int8-td fused", "fp8 fused")}
+        runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
+        runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)
+        runs["bf16+gelu again"] = runs.pop("bf16+gelu again")
     for run, fn in runs.items():
         try:
             t = bench(fn, smoke)
         except Exception as e:
             log(f"  {run}: FAILED {str(e).splitlines()[0][:200]}")
             continue
-        err = errors(pl, run.split()[0], 64 if smoke else 2048)
+        kind = {"Int8Linear modules": "int8-td", "Fp8Linear modules": "fp8"}.get(run, run.split()[0])
+        err = errors(pl, kind, 64 if smoke else 2048)
         rows[run] = {"ms": t, "tflops": flops / (t * 1e-3) / 1e12 if t == t else None, "err": err}
     base, base_g, base_n = rows["bf16"]["ms"], rows["bf16+gelu"]["ms"], rows.get("bf16-norms", {}).get("ms")
     log(f"\n{name}: dim {dim}, ffn {ffn}, M {M} (+{TEXT} text tokens); {flops / 1e12:.2f} TFLOP per block")
-    log(f"  {'pipeline':18s} {'ms':>8s} {'TFLOPS':>7s} {'x bf16':>7s} {'x same-scope bf16':>18s}   rel-L2 q / ffn0+gelu / ffn2")
+    log(f"  {'pipeline':18s} {'ms':>8s} {'TFLOPS':>7s} {'x bf16':>7s} {'x same-scope bf16':>18s}"
+        "   rel-L2 q / ffn0+gelu / ffn2")
     for run, r in rows.items():
-        scope = base_n if "fused" in run or run == "bf16-norms" else (base if run == "bf16" else base_g)
+        scope = base_n if "fused" in run or "modules" in run or run == "bf16-norms" else (
+            base if run == "bf16" else base_g)
         e = r["err"]
         log(f"  {run:18s} {r['ms']:8.3f} {r['tflops'] or 0:7.0f} {base / r['ms']:7.2f} {scope / r['ms']:18.2f}"
             f"   {e['q']:.2e} / {e['ffn0+gelu']:.2e} / {e['ffn2']:.2e}")
@@ -401,6 +436,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--modules", action="store_true", help="time the nn.Module path (default configs) too")
     ap.add_argument("--sweep-kinds", default="", help="comma list of int8-td,int8-pc,fp8 (default: all)")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny shapes, checks only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -423,6 +459,8 @@ def main():
             f"triton {__import__('triton').__version__}")
     log("kernel checks (vs torch references):")
     try:
+        if args.modules:
+            raise RuntimeError("skipped (--modules run)")
         checks = check_kernels(device, log)
     except Exception as e:  # keep going: the timings are still worth having
         log(f"  checks FAILED: {type(e).__name__}: {str(e)[:400]}")
@@ -437,7 +475,7 @@ def main():
             configs = sweep(layers, M, TEXT, args.smoke, log, [k for k in args.sweep_kinds.split(",") if k])
             results["sweep"][name] = {repr(k): v for k, v in configs.items()}
             del layers
-        results["models"][name] = run_model(name, device, configs, args.smoke, log)
+        results["models"][name] = run_model(name, device, configs, args.smoke, log, args.modules)
         log(f"[{time.time() - t0:.0f} s]")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "linear_bench.json"), "w") as f:

@@ -13,8 +13,9 @@ epilogue: the fastest form. If either side is grouped, each 128-wide K step's pr
 float32 accumulator (the form of TurboDiffusion's GEMM).
 
 The epilogue adds the bias, optionally applies GELU (tanh form), and writes either a float tensor or, for the
-FFN, an 8-bit tensor with one scale per (token, 128 columns): the input the next GEMM wants, with no extra pass
-over memory.
+FFN, the next GEMM's 8-bit input with no extra pass over memory: one scale per (token, 128 columns), or, for FP8,
+one per token taken from a bound on the row's values known before the GEMM (`output_bound`), which keeps the next
+GEMM on a single accumulator.
 
 `gemm8` is the launcher, `gemm8_ref` the plain-torch reference of the same function, and
 `int8_linear_tiles_ref` TurboDiffusion's int8 linear exactly (128x128 activation tiles).
@@ -26,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant8 import _INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles, quantize_rows_ref, \
-    quantize_tiles_ref, quantize_values, round_to_format
+from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
+                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_to_format)
 
 GELU_C = 0.7978845608028654     # sqrt(2 / pi)
 
@@ -129,8 +130,10 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
 
 def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool) -> dict:
     """Tile shapes measured best on an H100 (benchmarks/notes-linear.md)."""
-    if M <= 1024:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 1024:  # the 512 text tokens of cross-attention k / v
+        if a_grouped or b_blocked:
+            return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if a_grouped and not b_blocked:
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
