@@ -116,7 +116,7 @@ class Engine:
                               f"{job.samples} sample(s): try fewer frames, a lower resolution or `:set quant int8`")
         timings["total"] = round(time.perf_counter() - started, 4)
         info = {**self.info, **backends, "width": job.width, "height": job.height, "frames": job.frames,
-                "generator_device": str(self.device)}
+                "generator_device": str(self.device), "vae_tiled": self.pipeline.last_decode_tiled}
         return Video(frames=frames, seed=request.seed, fps=request.settings.fps, timings=timings, info=info)
 
 

@@ -22,6 +22,7 @@ Checkpoint = Callable[[str, int, int], None]
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)          # time, height, width
 PATCH_STRIDE = 16               # VAE stride x DiT patch: image sizes must be multiples of this
+VAE_TILE = (34, 34)             # latent pixels per tile when whole frames do not fit in GPU memory
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Pipeline:
         # Experts that move between host and GPU cannot replay a graph captured at other addresses.
         self.cuda_graphs = cuda_graphs and not park_idle_expert and self.device.type == "cuda"
         self._graphed: dict[int, GraphedForward] = {}
+        self.last_decode_tiled = False
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
 
@@ -171,10 +173,20 @@ class Pipeline:
                               on_step=lambda done, total: checkpoint("denoise", done, total))
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, checkpoint: Checkpoint, tile=None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, checkpoint: Checkpoint) -> torch.Tensor:
+        """Whole frames when they fit; when the GPU runs out of memory, again in spatial tiles (far less memory,
+        slightly slower, and within a small blend error of the whole-frame decode at the seams)."""
+        def report(done, total):
+            checkpoint("vae decode", done, total)
+
         checkpoint("vae decode", 0, latent.shape[2])
-        video = self.vae.decode(latent.to(self.vae_dtype), tile=tile,
-                                on_chunk=lambda done, total: checkpoint("vae decode", done, total))
+        try:
+            video = self.vae.decode(latent.to(self.vae_dtype), on_chunk=report)
+            self.last_decode_tiled = False
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            video = self.vae.decode(latent.to(self.vae_dtype), on_chunk=report, tile=VAE_TILE)
+            self.last_decode_tiled = True
         return frames_to_uint8(video)
 
     def __call__(self, job: Job, checkpoint: Checkpoint) -> torch.Tensor:
