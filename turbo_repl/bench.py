@@ -127,10 +127,6 @@ def run(args) -> int:
     except (SettingError, KeyError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    if device.type == "cuda" and args.memory_cap:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total), device)
-
     started = time.perf_counter()
     engine = Engine(model, device=str(device), weights="random")
     build_s = time.perf_counter() - started
@@ -158,6 +154,11 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type == "cuda":
+        if args.memory_cap:   # from here on: the timed runs must fit in the cap
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total), device)
+            context["memory_cap_gib"] = args.memory_cap
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for _ in range(max(1, args.repeat)):

@@ -129,8 +129,15 @@ class Components:
         self._reload = reload
 
     def requantize(self, quant: str) -> None:
-        """Switch the DiT experts' linear layers to another 8-bit mode (or back to bf16) by reloading them."""
-        self.experts[:] = self._reload(quant)
+        """Switch the DiT experts' linear layers: bf16 ones are quantised in place (no second copy of the
+        weights); any other change reloads the experts (the old ones serve until the new ones are loaded)."""
+        if self.quant == "off" and quant in ("int8", "fp8"):
+            from turbo_repl.models.linear import convert_linears
+
+            for net in self.experts:
+                convert_linears(net, quant)
+        else:
+            self.experts[:] = self._reload(quant)
         self.quant = quant
 
 
@@ -175,7 +182,7 @@ def _load_generated(spec: ModelSpec, device, dtype, on_device: bool) -> Componen
     def experts(quant: str):
         nets = [_generated(lambda: WanDiT(**spec.dit, sparse_attention=True), seed_for(f"{spec.name}/{name}"),
                            device, dtype, on_device).place(device, dtype) for name in spec.experts]
-        if quant != "off":
+        if quant in ("int8", "fp8"):
             from turbo_repl.models.linear import convert_linears
 
             for net in nets:
