@@ -8,6 +8,6 @@ ln -sfn "$_root/kernels" /tmp/turbo-repl-path/turbo_kernels
 [ -e "$_root/turbo_repl/configs" ] || ln -s ../configs "$_root/turbo_repl/configs"
 if ls "$_root"/.whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/turbo-repl-site "$_root"/.whl/*.whl
-  export PYTHONPATH="/tmp/turbo-repl-site:$PYTHONPATH"
+  export PYTHONPATH="/tmp/turbo-repl-site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="/tmp/turbo-repl-path:$_root:$PYTHONPATH"
+export PYTHONPATH="/tmp/turbo-repl-path:$_root:${PYTHONPATH:-}"
