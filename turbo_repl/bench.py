@@ -79,14 +79,21 @@ def _median_ms(fn, device, repeat: int) -> float:
     return statistics.median(times)
 
 
+# Kernel names -> component. Our SLA kernels are _stats/_key_stats/_select/_linear/_attention_kernel; GEMMs come
+# from cuBLAS/CUTLASS (nvjet, xmma, gemm) or our _gemm8_kernel; on the CPU these are aten op names.
+_COMPONENTS = (
+    ("attention", ("attention", "attn", "sla", "flash", "fmha", "sdpa", "softmax", "_stats_kernel", "_select_kernel",
+                   "_linear_kernel")),
+    ("linears", ("gemm", "matmul", "mm", "cutlass", "xmma", "nvjet", "aten::linear")),
+    ("norms + rope", ("norm", "rope", "rotary")),
+)
+
+
 def _classify(kernel_name: str) -> str:
     n = kernel_name.lower()
-    if any(s in n for s in ("attn", "sla", "flash", "fmha", "sdpa", "softmax")):
-        return "attention"
-    if any(s in n for s in ("gemm", "matmul", "mm", "cutlass", "xmma", "nvjet", "linear")):
-        return "linears"
-    if "norm" in n or "rope" in n or "rotary" in n:
-        return "norms + rope"
+    for component, keys in _COMPONENTS:
+        if any(k in n for k in keys):
+            return component
     return "other (elementwise, copies, casts)"
 
 
