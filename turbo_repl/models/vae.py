@@ -4,7 +4,8 @@ State-dict keys are the reference's (`WanVAE_` in Wan `modules/vae.py` and Turbo
 `rcm/tokenizers/wan2pt1.py`), so `Wan2.1_VAE.pth` loads without renaming.
 
 Video is processed causally in time, a chunk at a time: encode takes frame 0 alone and then chunks of
-`temporal_window` frames, decode takes one latent frame at a time. Every causal convolution keeps the last
+`temporal_window` frames; decode runs its latent-resolution trunk over all latent frames at once (every step in it
+is causal, so this equals streaming them) and the upsampling one latent frame at a time. Every causal convolution keeps the last
 frames of its input between chunks (its `past`), which replace its zero padding in time; this gives the same
 result as the reference's feature-cache list, without the index bookkeeping. The first chunk is special in
 the temporal resamplers, exactly as in the reference:
@@ -12,6 +13,12 @@ the temporal resamplers, exactly as in the reference:
     later chunks prepend the last remembered frame and apply it;
   * upsample: the first latent frame skips the time conv (it yields one frame); from the second on, the time
     conv runs causally over the frames that followed the first, with zeros before them (the reference's "Rep").
+
+Speed (the steps are the reference's, regrouped): activations are channels-last (NDHWC), which cuDNN's convolutions
+want and which makes the channel norm a contiguous reduction. Each RMS norm + SiLU is one pass (`vae_ops`) that
+writes straight into the next causal conv's time-padded input buffer, and conv biases are added in passes that
+happen anyway (the next norm, the residual add, the rearrangement after the upsampling convs). The x2 nearest
+upsampling and its 3x3 conv run as one 2x2 conv per output phase on the small frames.
 """
 
 from __future__ import annotations
