@@ -172,7 +172,7 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
             results.append(row)
             print(row, flush=True)
         if args.sweep:
-            sweep = [(2, 8, 2), (2, 8, 3), (1, 8, 2), (1, 8, 3), (4, 8, 2)]
+            sweep = [(1, 8, 2), (1, 8, 3), (2, 8, 2), (2, 8, 3)]
             for G, warps, stg in sweep:
                 c = {"G": G, "num_warps": warps, "num_stages": stg}
                 row = {"shape": name, "what": f"{mode} attention kernel {c}", "topk": topk}

@@ -61,27 +61,27 @@ def _quantize_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_
     h = bh % H
     offs_d = tl.arange(0, D)
     if blk < n_kb:
-        rows = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = (rows < L)[:, None]
-        k = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok, other=0.0)
-        k = tl.where(ok, k.to(tl.float32) - tl.load(kmean_ptr + bh * D + offs_d)[None, :], 0.0)
-        k8, scale = int8_block(k)
-        tl.store(k8_ptr + (bh.to(tl.int64) * Lp + rows[:, None]) * D + offs_d[None, :], k8)
-        tl.store(kscale_ptr + bh * n_kb + blk, scale)
+        krows = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        kok = (krows < L)[:, None]
+        k = tl.load(k_ptr + b * s_kb + h * s_kh + krows[:, None] * s_kl + offs_d[None, :], mask=kok, other=0.0)
+        k = tl.where(kok, k.to(tl.float32) - tl.load(kmean_ptr + bh * D + offs_d)[None, :], 0.0)
+        k8, kscale = int8_block(k)
+        tl.store(k8_ptr + (bh.to(tl.int64) * Lp + krows[:, None]) * D + offs_d[None, :], k8)
+        tl.store(kscale_ptr + bh * n_kb + blk, kscale)
         if PV_FP8:
-            v = tl.load(v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_d[None, :], mask=ok, other=0.0)
+            v = tl.load(v_ptr + b * s_vb + h * s_vh + krows[:, None] * s_vl + offs_d[None, :], mask=kok, other=0.0)
             v = (v.to(tl.float32) - tl.load(vmean_ptr + bh * D + offs_d)[None, :]) / \
                 tl.load(vscale_ptr + bh * D + offs_d)[None, :]
-            v = tl.where(ok, tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), 0.0)
-            tl.store(v8_ptr + (bh.to(tl.int64) * D + offs_d[None, :]) * Lp + rows[:, None], to_e4m3(v, EXACT))
-    else:
+            v = tl.where(kok, tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), 0.0)
+            tl.store(v8_ptr + (bh.to(tl.int64) * D + offs_d[None, :]) * Lp + krows[:, None], to_e4m3(v, EXACT))
+    else:   # (names differ from the branch above: Triton wants one type per name across both branches)
         qb = blk - n_kb
-        rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        ok = (rows < L)[:, None]
-        x = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + offs_d[None, :], mask=ok, other=0.0)
-        x8, scale = int8_block(x.to(tl.float32))
-        tl.store(q8_ptr + (bh.to(tl.int64) * Lq + rows[:, None]) * D + offs_d[None, :], x8)
-        tl.store(qscale_ptr + bh * n_qb + qb, scale)
+        qrows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qok = (qrows < L)[:, None]
+        x = tl.load(q_ptr + b * s_qb + h * s_qh + qrows[:, None] * s_ql + offs_d[None, :], mask=qok, other=0.0)
+        x8, qscale = int8_block(x.to(tl.float32))
+        tl.store(q8_ptr + (bh.to(tl.int64) * Lq + qrows[:, None]) * D + offs_d[None, :], x8)
+        tl.store(qscale_ptr + bh * n_qb + qb, qscale)
 
 
 def quantize_operands(q, k, v, kmean, vmean, vscale, block_q: int, block_k: int, pv_fp8: bool, exact_casts: bool):

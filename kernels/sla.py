@@ -12,11 +12,11 @@ Triton path (`prepare`, then `attend`):
    `_key_stats_kernel` (deterministic: no atomics). proj_l is folded into the linear branch: M = (φ(k)ᵀv)·Wᵀ.
 2. `block_map.select_blocks`: scores and the top-k LUT.
 3. SageSLA only: `sagesla.quantize_operands` (int8 q and k, e4m3 v).
-4. `_attention_kernel`: one program per (query block, batch·head). Loops over the LUT, G key blocks per step
-   (G·block_k keys gathered per product), online softmax in base 2 with the running maximum kept on integers;
-   the ragged last key block and LUT padding are masked in the last step only. The epilogue adds the linear
-   branch, (φ(q)/den)·M + b, as one more product accumulated onto the output, and writes [B, L, H, D] — no layout
-   copies anywhere.
+4. `_linear_kernel` writes the linear branch, (φ(q)/den)·M + b, into `out`; `_attention_kernel` (one program per
+   (query block, batch·head)) loops over the LUT, G key blocks per step (G·block_k keys gathered per product),
+   online softmax in base 2 with the running maximum kept on integers; the ragged last key block and LUT padding
+   are masked in the last step only; it adds its result to `out`. Everything reads and writes [B, L, H, D] in
+   place — no layout copies.
 """
 
 from __future__ import annotations
@@ -201,29 +201,37 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, s_kl, v_base, s_vl, s_vd, ks_row,
 
 
 @triton.jit
-def _add_linear_branch(o, qf_ptr, s_fl, offs_m, row_ok, m_ptr, z_ptr, bias_ptr, bh,
-                       D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """o + proj_l(φ(q)·KV / (1e-5 + φ(q)·z)) = o + (φ(q) / den)·(KV·Wᵀ) + b, one product accumulated onto o."""
+def _linear_kernel(qf_ptr, s_fb, s_fl, s_fh, m_ptr, z_ptr, bias_ptr, o_ptr, s_ob, s_ol, s_oh, H, L,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The linear branch into `out`: proj_l(φ(q)·KV / (1e-5 + φ(q)·z)) = (φ(q) / den)·M + b, M = KV·Wᵀ.
+    Its own small kernel (many programs per SM) rather than the attention kernel's epilogue, where it ran
+    serially after the loop with one program per SM."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    x = tl.load(qf_ptr + offs_m[:, None] * s_fl + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    row_ok = (offs_m < L)[:, None]
+    x = tl.load(qf_ptr + b * s_fb + h * s_fh + offs_m[:, None] * s_fl + offs_d[None, :], mask=row_ok, other=0.0)
+    x = x.to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     phi = e / tl.sum(e, axis=1)[:, None]
     den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + 1e-5
     mat = tl.load(m_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
-    o = tl.dot((phi / den[:, None]).to(mat.dtype), mat, o)
+    lin = tl.dot((phi / den[:, None]).to(mat.dtype), mat)
     if HAS_BIAS:
-        o += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
-    return o
+        lin += tl.load(bias_ptr + offs_d).to(tl.float32)[None, :]
+    tl.store(o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], lin.to(o_ptr.dtype.element_ty),
+             mask=row_ok)
 
 
 @triton.jit
 def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb, s_vl, s_vh, s_vd,
                       qscale_ptr, kscale_ptr, vscale_ptr, vmean_ptr, lut_ptr,
-                      m_ptr, z_ptr, bias_ptr, qf_ptr, s_fb, s_fl, s_fh, o_ptr, s_ob, s_ol, s_oh,
-                      H, L, n_qb, n_kb, count_pad, qk_scale,
+                      o_ptr, s_ob, s_ol, s_oh, H, L, n_qb, n_kb, count_pad, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
-                      QUANT: tl.constexpr, PV_FP8: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      EXACT: tl.constexpr):
+                      QUANT: tl.constexpr, PV_FP8: tl.constexpr, ADD_OUT: tl.constexpr, EXACT: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -251,25 +259,25 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
     o = acc / l_i[:, None]
     if PV_FP8:
         o = o * tl.load(vscale_ptr + bh * D + offs_d)[None, :] + tl.load(vmean_ptr + bh * D + offs_d)[None, :]
-    if LINEAR:
-        o = _add_linear_branch(o, qf_ptr + b * s_fb + h * s_fh, s_fl, offs_m, row_ok, m_ptr, z_ptr, bias_ptr, bh,
-                               D, HAS_BIAS)
-    tl.store(o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok)
+    o_ptrs = o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
+    if ADD_OUT:   # the linear branch, written there by _linear_kernel
+        o += tl.load(o_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------- launchers
 
 def default_config(dtype: torch.dtype, quantized: bool, block_q: int, block_k: int, D: int) -> dict:
-    """G (key blocks per step), warps and pipeline depth for the attention kernel."""
-    G = max(1, 128 // block_k)
-    warps = 8 if block_q >= 128 else 4
-    stages = 3 if quantized or (G * block_k * D * 2 * 2 * 3 <= 160 * 1024) else 2
-    return {"G": G, "num_warps": warps, "num_stages": stages}
+    """Key blocks per step (G), warps and pipeline depth of the attention kernel — the fastest measured on an H100
+    (benchmarks/notes-attention.md): 16-bit, one key block per step; 8-bit, 128 keys per step."""
+    G = max(1, 128 // block_k) if quantized else 1
+    elem = 1 if quantized else 2
+    stages = 3 if (3 * 2 * G * block_k + block_q) * D * elem <= 200 * 1024 else 2      # shared memory: K, V, q
+    return {"G": G, "num_warps": 8 if block_q >= 128 else 4, "num_stages": stages}
 
 
 def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats: bool = False,
-               programs_per_sm: int = 4, num_warps: int | None = None) -> dict:
+               programs_per_sm: int = 2, num_warps: int | None = None) -> dict:
     """Steps 1 and 2: one pass over q, k, v, then the reduction of its partials. Returns float32 block sums
     `qsum` [BH, n_qb, D] and `ksum` [BH, n_kb, D], `kv` [BH, D, D], `z`, `kmean`, `vmean`, `vscale` [BH, D]."""
     B, L, H, D = q.shape
@@ -277,7 +285,7 @@ def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
     R = max(block_q, block_k)
     steps = triton.cdiv(L, R)
-    per_chunk = max(1, triton.cdiv(steps * BH, programs_per_sm * sm_count(dev)))
+    per_chunk = max(1, min(16, triton.cdiv(steps * BH, programs_per_sm * sm_count(dev))))
     chunks = triton.cdiv(steps, per_chunk)
     f32 = dict(device=dev, dtype=torch.float32)
     st = dict(qsum=torch.empty(BH, n_qb, D, **f32), ksum=torch.empty(BH, n_kb, D, **f32))
@@ -325,19 +333,23 @@ def prepare(q, k, v, proj_w, count: int, count_pad: int, block_q: int, block_k: 
 
 
 def attend(ops: dict, q, proj_b, block_q: int, block_k: int, config: dict, linear: bool = True):
-    """Step 4, the attention kernel. Returns (out [B, L, H, D], the compiled kernel)."""
+    """Step 4: the linear branch into `out`, then the attention kernel adds the sparse branch.
+    Returns (out [B, L, H, D], the compiled attention kernel)."""
     B, L, H, D = q.shape
     n_qb, n_kb = triton.cdiv(L, block_q), triton.cdiv(L, block_k)
     lut = ops["lut"]
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    so = (out.stride(0), out.stride(1), out.stride(2))
+    if linear:
+        bm = 64
+        _linear_kernel[(triton.cdiv(L, bm), B * H)](
+            q, q.stride(0), q.stride(1), q.stride(2), ops["m"], ops["z"], proj_b if proj_b is not None else ops["z"],
+            out, *so, H, L, D=D, BLOCK_M=bm, HAS_BIAS=proj_b is not None, num_warps=4)
     compiled = _attention_kernel[(n_qb, B * H)](
         *ops["q"], *ops["k"], *ops["v"], ops["qscale"], ops["kscale"], ops["vscale"], ops["vmean"], lut,
-        ops["m"], ops["z"], proj_b if proj_b is not None else ops["z"],
-        q, q.stride(0), q.stride(1), q.stride(2), out, out.stride(0), out.stride(1), out.stride(2),
-        H, L, n_qb, n_kb, lut.shape[-1], D ** -0.5 * LOG2E,
+        out, *so, H, L, n_qb, n_kb, lut.shape[-1], D ** -0.5 * LOG2E,
         D=D, BLOCK_M=block_q, BLOCK_K=block_k, G=config["G"], QUANT=ops["quantized"], PV_FP8=ops["pv_fp8"],
-        LINEAR=linear, HAS_BIAS=proj_b is not None, EXACT=interpreting(),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        ADD_OUT=linear, EXACT=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out, compiled
 
 
