@@ -11,7 +11,9 @@ configs=(
   "--model wan2.1-1.3b --set attention=sagesla"
   "--model wan2.1-1.3b --set attention=sla --skip load --skip mp4"
   "--model wan2.1-14b-720p --set attention=sagesla --repeat 2 --skip load"
-  "--model wan2.1-14b-720p --set attention=sagesla --set quant=int8 --text-encoder cpu --memory-cap 24 --repeat 1 --skip load --skip baseline --skip components"
+  "--model wan2.1-14b-720p --set attention=sagesla --set quant=int8 --text-encoder cpu --memory-cap 24 --no-cuda-graphs --repeat 1 --skip load --skip baseline --skip components"
+  "--model wan2.1-1.3b --set attention=sagesla --set quant=int8 --skip load --skip baseline"
+  "--model wan2.1-1.3b --set attention=sagesla --set quant=fp8 --skip load --skip baseline"
 )
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for i in "${@:-${!configs[@]}}"; do

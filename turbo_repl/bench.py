@@ -35,6 +35,8 @@ def add_arguments(parser) -> None:
                         help="cpu: park the text encoder in host memory after the first prompt (as on small GPUs)")
     parser.add_argument("--memory-cap", type=float, metavar="GIB",
                         help="let this process use at most GIB of GPU memory (to show a model fits a smaller GPU)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the DiT eagerly (no graph memory pools: for tight memory budgets)")
     parser.add_argument("--cold", action="store_true",
                         help="drop the OS page cache before timing the load (needs root; affects the whole machine)")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
@@ -135,13 +137,14 @@ def run(args) -> int:
         print(f"bench: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    engine = Engine(model, device=str(device), weights="random")
+    engine = Engine(model, device=str(device), weights="random", cuda_graphs=not args.no_cuda_graphs)
     build_s = time.perf_counter() - started
     request = Request(PROMPT, settings, seed=0)
     job = engine.job(request)
     context = {"bench": "turbo-repl", "model": model, "device_name": engine.info.get("gpu") or "cpu",
                "resolution": f"{job.width}x{job.height}", "frames": job.frames, "steps": job.steps,
                "samples": job.samples, "attention": settings.attention, "quant": settings.quant,
+               "cuda_graphs": engine.pipeline.cuda_graphs,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     report = Report(context, args.json)
     report.add("build random-weight model", build_s * 1000, note="not a load from files")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CRF = 17   # x264 quality: visually lossless
+PRESET = "veryfast"   # 2-3x faster than x264's default (medium) at about the same size for this quality
 
 
 class VideoError(ValueError):
@@ -100,7 +101,8 @@ def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     command = [_ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF)]
+               "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-preset", PRESET, "-pix_fmt", "yuv420p",
+               "-crf", str(CRF)]
     if record is not None:
         command += ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
     command += ["-f", "mp4", str(partial)]

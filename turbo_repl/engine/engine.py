@@ -25,8 +25,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 class Engine:
     def __init__(self, model: str = "tiny", checkpoint_dir: str | Path | None = None, device: str = "auto",
-                 quant: str = "auto", weights: str = "checkpoint"):
-        """`weights="random"` builds a real architecture with random weights on the device (benchmarks)."""
+                 quant: str = "auto", weights: str = "checkpoint", cuda_graphs: bool | None = None):
+        """`weights="random"` builds a real architecture with random weights on the device (benchmarks).
+        `cuda_graphs` (default: on unless TURBO_REPL_CUDA_GRAPHS=0) replays each DiT forward as a CUDA graph:
+        fewer launches, at the price of a memory pool per captured shape."""
         self.spec: ModelSpec = get_model(model)
         self.device = pick_device(device)
         # bf16 on the GPU, as the reference runs; float32 on the CPU, where bf16 is slow and parity is exact.
@@ -38,7 +40,7 @@ class Engine:
             self.components.text_encoder, self.components.experts, self.components.vae,
             device=self.device, dtype=self.dtype, task=self.spec.task,
             park_idle_expert=self.components.park_idle_expert,
-            cuda_graphs=os.environ.get("TURBO_REPL_CUDA_GRAPHS", "1") != "0")
+            cuda_graphs=os.environ.get("TURBO_REPL_CUDA_GRAPHS", "1") != "0" if cuda_graphs is None else cuda_graphs)
         self.load_seconds = time.perf_counter() - started
         self.info = {
             "model": self.spec.name,
