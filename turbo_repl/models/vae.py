@@ -69,11 +69,7 @@ def conv_video(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if kt == 1 and st == 1:
         return _video(F.conv2d(_frames(x), weight[:, :, 0], bias, stride[1:], padding[1:]), b)
     if x.is_cuda:
-        out_dim = weight.shape[0]
-        if out_dim % 8:   # the head's 3 outputs: cuDNN's kernel for unaligned channels is 5x slower than padding
-            weight = torch.cat([weight, weight.new_zeros(-out_dim % 8, *weight.shape[1:])])
-            bias = F.pad(bias, (0, -out_dim % 8)) if bias is not None else None
-        return F.conv3d(x, weight, bias, stride, padding)[:, :out_dim]
+        return F.conv3d(x, weight, bias, stride, padding)
     frames = x.transpose(1, 2)
     t_out = (x.shape[2] - kt) // st + 1
     out = None
@@ -314,12 +310,14 @@ class Decoder3d(nn.Module):
         return self.expand(self.trunk(z))
 
 
+CUDNN_AUTOTUNE = True   # cuDNN times its algorithms once per conv shape (a decode repeats its shapes every frame)
+
+
 @contextlib.contextmanager
 def _cudnn_autotune():
-    """Let cuDNN time its algorithms once per convolution shape and keep the fastest: a decode repeats the same
-    shapes for every latent frame. The global setting is restored afterwards."""
+    """cuDNN's algorithm choice as CUDNN_AUTOTUNE says, during a call; the global setting is restored after."""
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = CUDNN_AUTOTUNE
     try:
         yield
     finally:
