@@ -146,7 +146,7 @@ class Session:
 
     def _versions(self) -> dict:
         info = getattr(self.engine, "info", {})
-        return _jsonable({**info.get("versions", {}), "gpu": info.get("gpu")})
+        return _jsonable({**info.get("versions", {}), "gpu": info.get("gpu"), "cpu": info.get("cpu")})
 
     # --- replay -----------------------------------------------------------------------------------------
 

@@ -189,7 +189,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("topk", float, _float(0.0, 1.0, lo_open=True), 0.1,
             "fraction of key blocks sparse attention keeps (0.15 for more quality)", "0 < x ≤ 1",
             aliases=("sla_topk",)),
-    Setting("ode", bool, _bool, False, "deterministic ODE sampling (sharper) instead of SDE", "on/off",
+    Setting("ode", bool, _bool, False,
+            "deterministic ODE sampling (sharper, less robust) instead of SDE; offered for text-to-video too, "
+            "where the reference scripts allow only SDE", "on/off",
             choices=("on", "off")),
     Setting("resolution", str, _choice(tuple(RESOLUTIONS)), "480p", "size class; with aspect gives width × height",
             choices=tuple(RESOLUTIONS)),

@@ -45,6 +45,18 @@ def choose_quant(setting: str, loaded: str, device: torch.device) -> str:
     return setting
 
 
+def cpu_name() -> str:
+    """The processor's model name: float32 results on the CPU can differ between processor families."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -55,4 +67,4 @@ def environment(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"versions": {"turbo_repl": __version__, "torch": torch.__version__, "triton": triton_version,
                          "python": platform.python_version()},
-            "gpu": gpu}
+            "gpu": gpu, "cpu": cpu_name()}

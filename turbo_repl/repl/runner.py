@@ -46,6 +46,10 @@ def in_worker(console: Console, work: Callable[[render.ProgressDisplay, threadin
 def generate(session: Session, prompt: str, console: Console) -> dict | None:
     """One run with progress; prints the result line. Returns the record, or None if cancelled.
     Raises session.RunError (one line) when the run failed."""
+    from turbo_repl.engine.pipeline import prompt_warnings
+
+    for warning in prompt_warnings(prompt):
+        render.note(console, warning)
     try:
         record = in_worker(console, lambda progress, cancel: session.run(prompt, progress, cancel))
     except Cancelled:
