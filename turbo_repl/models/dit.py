@@ -181,6 +181,9 @@ class CrossAttention(nn.Module):
 
 # --------------------------------------------------------------------------------------------- blocks
 
+FFN_CHUNK_BYTES = 1 << 30   # hidden FFN activations larger than this are computed a slice of tokens at a time
+
+
 class WanBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, sparse: bool):
         super().__init__()
@@ -196,7 +199,18 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         x = x + self.self_attn(modulated_layernorm(x, shift_sa, scale_sa, self.eps), rope) * gate_sa.to(x.dtype)
         x = x + self.cross_attn(self.norm3(x), context)
-        return x + self.ffn(modulated_layernorm(x, shift_ff, scale_ff, self.eps)) * gate_ff.to(x.dtype)
+        return x + self.feed_forward(modulated_layernorm(x, shift_ff, scale_ff, self.eps)) * gate_ff.to(x.dtype)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN over slices of tokens when its hidden activations would be large (14B at 720p: 2 GB each for
+        the hidden layer and its GELU): the same result with a fraction of the peak memory."""
+        from turbo_repl.models.linear import feed_forward
+
+        hidden = self.ffn[0].out_features * h.element_size() * h.shape[0]
+        rows = max(1, FFN_CHUNK_BYTES // hidden)
+        if h.shape[1] <= rows:
+            return feed_forward(self.ffn, h)
+        return torch.cat([feed_forward(self.ffn, part) for part in h.split(rows, dim=1)], dim=1)
 
 
 class Head(nn.Module):
