@@ -244,18 +244,24 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
     return quantize_rows_ref(acc, out, group=TILE) if out else acc.to(out_dtype)
 
 
-def int8_linear_tiles_ref(x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor,
-                          bias: torch.Tensor | None) -> torch.Tensor:
-    """TurboDiffusion's `Int8Linear.forward`: x [..., K] quantised in 128x128 tiles over [tokens, channels],
-    int32 tile products scaled by both tile scales and summed in float32, written in x's dtype, then + bias."""
+def int8_linear_tiles_trace(x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """TurboDiffusion's `Int8Linear.forward` step by step: x [..., K] quantised in 128x128 tiles over [tokens,
+    channels] (`x_int8` [M, K], `x_scale`), int32 tile products times both tile scales summed in float32 and
+    written in x's dtype (`y_gemm` [M, N]), then + bias (`y` [..., N])."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     x_q, x_s = quantize_tiles_ref(x2)
-    y = gemm8_ref(x_q, expand_tiles(x_s, x2.shape[0]), int8_weight, scale, out_dtype=x.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.view(*x.shape[:-1], -1)
+    y_gemm = gemm8_ref(x_q, expand_tiles(x_s, x2.shape[0]), int8_weight, scale, out_dtype=x.dtype)
+    y = y_gemm + bias.to(y_gemm.dtype) if bias is not None else y_gemm
+    return {"x_int8": x_q, "x_scale": x_s, "y_gemm": y_gemm, "y": y.view(*x.shape[:-1], -1)}
 
 
-__all__ = ["gemm8", "gemm8_ref", "output_bound", "int8_linear_tiles_ref", "gelu_tanh_ref", "default_config",
-           "FORMATS", "QMAX"]
+def int8_linear_tiles_ref(x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """TurboDiffusion's int8 linear exactly (see `int8_linear_tiles_trace`)."""
+    return int8_linear_tiles_trace(x, int8_weight, scale, bias)["y"]
+
+
+__all__ = ["gemm8", "gemm8_ref", "output_bound", "int8_linear_tiles_ref", "int8_linear_tiles_trace", "gelu_tanh_ref",
+           "default_config", "FORMATS", "QMAX"]

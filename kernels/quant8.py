@@ -10,8 +10,8 @@ Two layouts:
   becomes 127 (the reference divides by 128, not 127). `quantize_tiles_ref`, plain torch: weights are
   quantised once at load, and the reference-exact forward is a parity path.
 
-The jit helpers `round_half_even`, `cast_rne` and `quantize_values` are shared by the norm and GEMM kernels that emit
-8-bit outputs, so every producer rounds the same way.
+The jit helpers `round_half_even`, `cast_rne` and `quantize_values` are shared by the norm and GEMM kernels that
+emit 8-bit outputs, so every producer rounds the same way.
 """
 
 from __future__ import annotations

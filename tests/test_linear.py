@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from turbo_kernels.gemm8 import gemm8_ref
+from turbo_kernels.gemm8 import gemm8_ref, int8_linear_tiles_trace
 from turbo_kernels.norms import layernorm_triton
 from turbo_kernels.quant8 import quantize_rows_ref
 from turbo_repl.models.dit import WanDiT
 from turbo_repl.models.linear import (Fp8Linear, Int8Linear, Linear8, configure_linears, convert_linears,
-                                      feed_forward, int8_shells, quantize_state_dict)
+                                      feed_forward, int8_shells, quantize_state_dict, reference_int8_trace)
 
 
 def rel(out, ref):
@@ -48,6 +48,18 @@ def test_int8_linear_is_turbodiffusions_layer(fixtures_dir):
     layer.mode = "reference"
     y = layer(io["x"])
     assert y.dtype == torch.bfloat16 and max_rel(y, io["y"]) <= 1e-3
+
+
+def test_reference_trace_names_every_fixture_output(fixtures_dir):
+    io = load_file(fixtures_dir / "quant_linear_gpu.safetensors")
+    trace = reference_int8_trace(io["x"], io["weight"], io["bias"])
+    assert {k: tuple(v.shape) for k, v in trace.items()} == {
+        k: tuple(io[k].shape) for k in ("int8_weight", "scale", "x_int8", "x_scale", "y_gemm", "y")}
+    assert torch.equal(trace["x_int8"], io["x_int8"])
+    # 2 weights differ on rounding ties (see test_int8), which can flip one bf16 rounding of y: one ulp, 2**-8
+    assert max_rel(trace["y_gemm"], io["y_gemm"]) <= 2 ** -8 and rel(trace["y"], io["y"]) <= 1e-3
+    same_weights = int8_linear_tiles_trace(io["x"], io["int8_weight"], io["scale"], io["bias"])
+    assert max_rel(same_weights["y_gemm"], io["y_gemm"]) <= 1e-3 and max_rel(same_weights["y"], io["y"]) <= 1e-3
 
 
 def test_quant_linear_fixture_float_and_8bit_paths(fixtures_dir):

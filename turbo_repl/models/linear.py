@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref, output_bound
+from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref, int8_linear_tiles_trace, output_bound
 from turbo_kernels.quant8 import TILE, quantize_rows, quantize_rows_ref, quantize_tiles_ref
 
 QUANT_MODES = ("int8", "fp8")
@@ -253,3 +253,10 @@ def quantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[key] = t
     return out
+
+
+def reference_int8_trace(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A float Linear quantised and run TurboDiffusion's way, every intermediate under the name its parity
+    fixture (`quant_linear_gpu`) gives it: int8_weight, scale, x_int8, x_scale, y_gemm, y."""
+    int8_weight, scale = quantize_tiles_ref(weight)
+    return {"int8_weight": int8_weight, "scale": scale, **int8_linear_tiles_trace(x, int8_weight, scale, bias)}
