@@ -5,9 +5,9 @@
                               [--variants 0,1,2,3] [--other-variants 0,2] [--check-frames 21] [--skip-checks]
 
 Real architecture (dim 96), random weights (`deterministic_init`), a N(0, 1) latent of 21 frames (81 video frames).
-Checks first, on a 480p latent (--check-frames): the Triton kernels against their torch references; this decode in float32
-against the earlier one in float32 (TF32 off); both in bf16 against that float32 result (rel-L2 and max error
-over max |ref|), and against each other. Then times `decode` (bf16, synchronised wall clock, median of --runs
+Checks first, on a 480p latent (--check-frames): the Triton kernels against their torch references; this decode
+in float32 against the earlier one in float32 (TF32 off); both in bf16 against that float32 result (rel-L2 and max
+error over max |ref|), and against each other. Then times `decode` (bf16, synchronised wall clock, median of --runs
 after one warm-up run, which includes cuDNN's algorithm search: reported as `first`) for: the earlier path as it
 was (0), the earlier path with cuDNN autotuning (1), this path (2), this path with the plain-torch norm and bias
 add in place of the Triton kernels (3), and this path with cuDNN's heuristic algorithm choice (4: cuDNN keeps the

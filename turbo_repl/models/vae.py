@@ -4,11 +4,11 @@ State-dict keys are the reference's (`WanVAE_` in Wan `modules/vae.py` and Turbo
 `rcm/tokenizers/wan2pt1.py`), so `Wan2.1_VAE.pth` loads without renaming.
 
 Video is processed causally in time, a chunk at a time: encode takes frame 0 alone and then chunks of
-`temporal_window` frames; decode runs its latent-resolution trunk over all latent frames at once (every step in it
-is causal, so this equals streaming them) and the upsampling one latent frame at a time. Every causal convolution keeps the last
-frames of its input between chunks (its `past`), which replace its zero padding in time; this gives the same
-result as the reference's feature-cache list, without the index bookkeeping. The first chunk is special in
-the temporal resamplers, exactly as in the reference:
+`temporal_window` frames; decode runs its latent-resolution trunk over all latent frames at once (every step in
+it is causal, so this equals streaming them) and the upsampling one latent frame at a time. Every causal
+convolution keeps the last frames of its input between chunks (its `past`), which replace its zero padding in
+time; this gives the same result as the reference's feature-cache list, without the index bookkeeping. The first
+chunk is special in the temporal resamplers, exactly as in the reference:
   * downsample: the first chunk skips the stride-2 time conv (its frame passes through) and is remembered;
     later chunks prepend the last remembered frame and apply it;
   * upsample: the first latent frame skips the time conv (it yields one frame); from the second on, the time
@@ -245,6 +245,11 @@ class Resample(nn.Module):
         return x
 
 
+def _head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    norm, _, conv = head   # RMSNorm, SiLU, conv: the first two fused into the conv's input pass
+    return conv(x, norm)
+
+
 class Encoder3d(nn.Module):
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample, dropout):
         super().__init__()
@@ -268,11 +273,6 @@ class Encoder3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _head(self.head, self.middle(self.downsamples(self.conv1(x))))
-
-
-def _head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    norm, _, conv = head   # RMSNorm, SiLU, conv: the first two fused into the conv's input pass
-    return conv(x, norm)
 
 
 class Decoder3d(nn.Module):
@@ -434,8 +434,7 @@ class WanVAE(nn.Module):
         try:
             # every step of the trunk is causal in time and per frame otherwise: all latent frames at once give
             # what streaming them one by one gives
-            feats = self.decoder.trunk(z).unbind(2)
-            feats = [f.unsqueeze(2) for f in feats]
+            feats = self.decoder.trunk(z).split(1, dim=2)
             if len(rows) == len(cols) == 1:
                 out = z.new_empty(out_shape)
                 self._expand_into(out, feats, on_chunk, 0, t)
