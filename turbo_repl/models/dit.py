@@ -46,20 +46,22 @@ def _gpu_kernels(x: torch.Tensor):
     return _fused_norms() if x.is_cuda else None
 
 
-def layernorm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm computed in float32 (affine in float32 too), rounded to x's dtype."""
-    if k := _gpu_kernels(x):
-        return k.layernorm(x, weight, bias, eps)
+def layernorm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6, out: str | None = None):
+    """LayerNorm computed in float32 (affine in float32 too), rounded to x's dtype — or, with `out` = "int8" |
+    "fp8", quantised per token for an 8-bit linear in the same pass: (x_q, scale)."""
+    if k := _gpu_kernels(x) or (out and _fused_norms()):
+        return k.layernorm(x, weight, bias, eps, out=out)
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
-def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                        out: str | None = None):
     """adaLN of norm1 / norm2: the rounded non-affine norm times (1 + scale) plus shift in float32, rounded to
-    x's dtype."""
-    if k := _gpu_kernels(x):
-        return k.modulated_layernorm(x, shift, scale, eps)
+    x's dtype (or quantised per token, as `layernorm`)."""
+    if k := _gpu_kernels(x) or (out and _fused_norms()):
+        return k.modulated_layernorm(x, shift, scale, eps, out=out)
     return (layernorm(x, eps=eps).float() * (1 + scale) + shift).to(x.dtype)
 
 
@@ -103,8 +105,8 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layernorm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, out: str | None = None):
+        return layernorm(x, self.weight, self.bias, self.eps, out)
 
 
 def fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +155,9 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.attn_op = AttentionOp(self.head_dim, sparse)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        B, L, _ = x.shape
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B, L, dim], or the (x_q, scale) pair a fused norm made for 8-bit q/k/v."""
+        B, L = _tokens(x).shape[:2]
         q = rmsnorm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
         k = rmsnorm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
@@ -170,8 +173,8 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape
+    def forward(self, x, context: torch.Tensor) -> torch.Tensor:
+        B, L = _tokens(x).shape[:2]
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
@@ -182,6 +185,16 @@ class CrossAttention(nn.Module):
 # --------------------------------------------------------------------------------------------- blocks
 
 FFN_CHUNK_BYTES = 1 << 30   # hidden FFN activations larger than this are computed a slice of tokens at a time
+
+
+def _tokens(x) -> torch.Tensor:
+    """The [B, L, dim] tensor of a linear's input, plain or quantised (x_q, scale)."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _input_format(linear) -> str | None:
+    """"int8" / "fp8" when `linear` takes its input quantised per token from the norm before it."""
+    return getattr(linear, "input_format", None)
 
 
 class WanBlock(nn.Module):
@@ -197,20 +210,24 @@ class WanBlock(nn.Module):
     def forward(self, x, e0, context, rope):
         """x [B, L, dim]; e0 [B, 6, dim] float32 time projection; context [B, L_text, dim]."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = x + self.self_attn(modulated_layernorm(x, shift_sa, scale_sa, self.eps), rope) * gate_sa.to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), context)
-        return x + self.feed_forward(modulated_layernorm(x, shift_ff, scale_ff, self.eps)) * gate_ff.to(x.dtype)
+        # With 8-bit linears on the GPU each norm emits its output already quantised (no extra pass).
+        h = modulated_layernorm(x, shift_sa, scale_sa, self.eps, _input_format(self.self_attn.q))
+        x = x + self.self_attn(h, rope) * gate_sa.to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x, _input_format(self.cross_attn.q)), context)
+        h = modulated_layernorm(x, shift_ff, scale_ff, self.eps, _input_format(self.ffn[0]))
+        return x + self.feed_forward(h) * gate_ff.to(x.dtype)
 
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, h) -> torch.Tensor:
         """The FFN over slices of tokens when its hidden activations would be large (14B at 720p: 2 GB each for
-        the hidden layer and its GELU): the same result with a fraction of the peak memory."""
+        the hidden layer and its GELU in bf16): the same result with a fraction of the peak memory."""
         from turbo_repl.models.linear import feed_forward
 
-        hidden = self.ffn[0].out_features * h.element_size() * h.shape[0]
-        rows = max(1, FFN_CHUNK_BYTES // hidden)
-        if h.shape[1] <= rows:
+        B, L = _tokens(h).shape[:2]
+        rows = max(1, FFN_CHUNK_BYTES // (self.ffn[0].out_features * 2 * B))
+        if L <= rows:
             return feed_forward(self.ffn, h)
-        return torch.cat([feed_forward(self.ffn, part) for part in h.split(rows, dim=1)], dim=1)
+        parts = zip(*(t.split(rows, dim=1) for t in h)) if isinstance(h, tuple) else h.split(rows, dim=1)
+        return torch.cat([feed_forward(self.ffn, part) for part in parts], dim=1)
 
 
 class Head(nn.Module):
