@@ -175,3 +175,19 @@ def test_prompt_warnings(prompt, expect):
     assert len(warnings) == len(expect)
     for w, e in zip(warnings, expect):
         assert e in w
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_quant_setting_switches_the_linears_and_back(t2v, quant):
+    from turbo_repl.models.linear import Linear8
+
+    s = small("tiny", steps="1")
+    plain = t2v.generate(Request(PROMPT, s, 4))
+    eight = t2v.generate(Request(PROMPT, s.with_value("quant", quant), 4))
+    assert eight.info["quant"] == quant
+    assert any(isinstance(m, Linear8) for m in t2v.components.experts[0].modules())
+    assert not torch.equal(eight.frames, plain.frames)
+    diff = (eight.frames.float() - plain.frames.float()).abs().mean()
+    assert diff < 8   # close to the unquantised video (mean over uint8 pixels)
+    back = t2v.generate(Request(PROMPT, s.with_value("quant", "auto"), 4))
+    assert back.info["quant"] == "off" and torch.equal(back.frames, plain.frames)

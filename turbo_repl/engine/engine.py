@@ -79,15 +79,15 @@ class Engine:
 
     def configure(self, settings) -> dict:
         """Apply the run-time backend settings (no reload for attention or topk); returns what was chosen."""
-        attention, why = choose_attention(settings.attention, self.device, self.components.sparse)
-        for expert in self.components.experts:
-            from turbo_repl.models.attention import configure_attention
+        from turbo_repl.models.attention import configure_attention
 
-            configure_attention(expert, attention, settings.topk)
-        quant = choose_quant(settings.quant, self.components.quant, self.device)
-        if quant != self.components.quant:
+        attention, why = choose_attention(settings.attention, self.device, self.components.sparse)
+        quant = choose_quant(settings.quant, self.components.native_quant, self.device)
+        if quant != self.components.quant:   # first: a reload brings new expert modules
             self.components.requantize(quant)
             self.info["quant"] = quant
+        for expert in self.components.experts:
+            configure_attention(expert, attention, settings.topk)
         return {"attention": attention, "attention_reason": why, "quant": quant}
 
     def generate(self, request: Request, progress=None, cancel=None) -> Video:
@@ -127,6 +127,7 @@ class Components:
     def __init__(self, text_encoder, experts, vae, *, fingerprints, quant, sparse, park_idle_expert, reload):
         self.text_encoder, self.experts, self.vae = text_encoder, experts, vae
         self.fingerprints, self.quant, self.sparse = fingerprints, quant, sparse
+        self.native_quant = quant       # what the checkpoint holds: `quant auto` returns to it
         self.park_idle_expert = park_idle_expert
         self._reload = reload
 
