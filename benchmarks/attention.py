@@ -136,7 +136,7 @@ def stages(name, q, k, v, w, b, topk, args, results, rep):
     count = key_block_count(topk, triton.cdiv(L, bk))
     for quantized in (False, True):
         mode = "sagesla" if quantized else "sla"
-        cfg = sla.default_config(q.dtype, quantized, bq, bk, D)
+        cfg = sla.default_config(quantized, bq, bk, D)
         cp = triton.cdiv(count, cfg["G"]) * cfg["G"]
         try:
             ops = sla.prepare(q, k, v, w, count, cp, bq, bk, quantized, True)

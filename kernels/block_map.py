@@ -8,7 +8,7 @@ first). Ascending matters to the attention kernel: the ragged last key block, wh
 `select_blocks` is the Triton kernel: per group of 16 query blocks it scores their pooled q against all pooled
 keys with one product and picks each row's top `count` by finding the count-th largest score bit by bit — no
 sort. The block sums it starts from come from the statistics pass in `sla.py`, which reads q, k and v once for
-the block map, the linear branch and SageSLA's int8 q together.
+the block map and the linear branch together.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 * Q and K (K smoothed by subtracting its mean over the sequence, which leaves every softmax row unchanged): one
   scale per (batch, head, block of rows) = max|x| / 127 + 1e-7, values rounded half away from zero (TurboDiffusion's
-  SageSLA rule).
+  SageSLA rule). `quantize_operands` quantises all three after the statistics pass has K's and V's means.
 * V (GPUs with FP8): smoothed by its mean over the sequence too — P·V of the smoothed V plus that mean is the
   same product, since each row of P sums to one — then scaled per channel by max|v - mean| / 448 into e4m3 and
   stored transposed, [B*H, D, padded L], the K-major operand layout of Hopper's FP8 tensor-core product.
 * P: the softmax numerator scaled into [0, 448] and cast to e4m3 inside the attention kernel (`sla.py`). The
   kernel keeps its running row maximum on integers (log2 units), so P's rounding does not depend on the order
-  in which key blocks arrive, and `quantized_attention_ref` below reproduces it.
+  in which key blocks arrive, and `sla.sla_ref(..., quantized=True)` reproduces it with the helpers below.
 
 Forward only. The attention kernel itself and the whole SLA call are in `sla.py`.
 """

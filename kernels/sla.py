@@ -9,7 +9,7 @@ runs use and what the kernels are tested against.
 Triton path (`prepare`, then `attend`):
 1. `_stats_kernel`: one pass over q, k, v — the block sums of q and k (block map), and per chunk of rows the
    partials of φ(k)ᵀv, Σφ(k), Σk (linear branch, K's mean) and for SageSLA Σv, max v, max -v — reduced by
-   `_key_stats_kernel` (deterministic: no atomics). proj_l is folded into the linear branch: M = (φ(k)ᵀv)·Wᵀ.
+   `_reduce_stats_kernel` (deterministic: no atomics). proj_l is folded into the linear branch: M = (φ(k)ᵀv)·Wᵀ.
 2. `block_map.select_blocks`: scores and the top-k LUT.
 3. SageSLA only: `sagesla.quantize_operands` (int8 q and k, e4m3 v).
 4. `_linear_kernel` writes the linear branch, (φ(q)/den)·M + b, into `out`; `_attention_kernel` (one program per
@@ -21,21 +21,21 @@ Triton path (`prepare`, then `attend`):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._runtime import available_backends, has_fp8, interpreting, resolve_impl, sm_count
 from .block_map import block_lut_ref, check_block_sizes, key_block_count, lut_to_mask, select_blocks
-from .sagesla import LOG2_FP8_MAX, int8_blocks_ref, quantize_operands, round_fp8_ref, to_e4m3, v_fp8_ref
+from .sagesla import FP8_MAX, LOG2_FP8_MAX, int8_blocks_ref, quantize_operands, round_fp8_ref, to_e4m3, v_fp8_ref
 
 __all__ = ["sparse_linear_attention", "block_map", "block_lut", "available_backends", "sla_ref"]
 
 LOG2E = 1.4426950408889634
 LINEAR_EPS = 1e-5
 _LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_LINEAR_EPS = tl.constexpr(LINEAR_EPS)
 
 
 # --------------------------------------------------------------------------------------------- Triton kernels
@@ -101,9 +101,9 @@ def _stats_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s_vb,
 
 
 @triton.jit
-def _key_stats_kernel(part_ptr, vext_ptr, kv_ptr, z_ptr, kmean_ptr, vmean_ptr, vscale_ptr, n_chunks, L,
+def _reduce_stats_kernel(part_ptr, vext_ptr, kv_ptr, z_ptr, kmean_ptr, vmean_ptr, vscale_ptr, n_chunks, L,
                       D: tl.constexpr, RB: tl.constexpr, V_STATS: tl.constexpr):
-    """Reduce the key pass's per-chunk partials: rows [r*RB, r*RB+RB) of KV, and (r == 0) the vectors."""
+    """Reduce the statistics pass's per-chunk partials: rows [r*RB, r*RB+RB) of KV, and (r == 0) the vectors."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
     offs_d = tl.arange(0, D)
@@ -132,13 +132,12 @@ def _key_stats_kernel(part_ptr, vext_ptr, kv_ptr, z_ptr, kmean_ptr, vmean_ptr, v
         if V_STATS:
             vmean = vsum / L
             tl.store(vmean_ptr + bh * D + offs_d, vmean)
-            tl.store(vscale_ptr + bh * D + offs_d, tl.maximum(tl.maximum(vmax - vmean, vneg + vmean), 1e-12) / 448.0)
+            tl.store(vscale_ptr + bh * D + offs_d, tl.maximum(tl.maximum(vmax - vmean, vneg + vmean), 1e-12) / _FP8_MAX)
 
 
 @triton.jit
 def _gather_blocks(lut_row, ks_row, it, BLOCK_K: tl.constexpr, G: tl.constexpr, QUANT: tl.constexpr):
-    """Step `it`: the G LUT entries as per-column vectors (key-block index, first key row, key scale), from G
-    scalar loads."""
+    """Step `it`'s G LUT entries, from G scalar loads, as per-column vectors: key-block index, key row, key scale."""
     BLOCK_N: tl.constexpr = G * BLOCK_K
     offs_n = tl.arange(0, BLOCK_N)
     kb = tl.full([BLOCK_N], 0, tl.int32)
@@ -217,7 +216,7 @@ def _linear_kernel(qf_ptr, s_fb, s_fl, s_fh, m_ptr, z_ptr, bias_ptr, o_ptr, s_ob
     x = x.to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     phi = e / tl.sum(e, axis=1)[:, None]
-    den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + 1e-5
+    den = tl.sum(phi * tl.load(z_ptr + bh * D + offs_d)[None, :], axis=1) + _LINEAR_EPS
     mat = tl.load(m_ptr + (bh * D + offs_d[:, None]) * D + offs_d[None, :])
     lin = tl.dot((phi / den[:, None]).to(mat.dtype), mat)
     if HAS_BIAS:
@@ -267,7 +266,7 @@ def _attention_kernel(q_ptr, s_qb, s_ql, s_qh, k_ptr, s_kb, s_kl, s_kh, v_ptr, s
 
 # --------------------------------------------------------------------------------------------- launchers
 
-def default_config(dtype: torch.dtype, quantized: bool, block_q: int, block_k: int, D: int) -> dict:
+def default_config(quantized: bool, block_q: int, block_k: int, D: int) -> dict:
     """Key blocks per step (G), warps and pipeline depth of the attention kernel — the fastest measured on an H100
     (benchmarks/notes-attention.md): 16-bit, one key block per step; 8-bit, 128 keys per step."""
     G = max(1, 128 // block_k) if quantized else 1
@@ -301,7 +300,7 @@ def statistics(q, k, v, block_q: int, block_k: int, linear: bool = True, v_stats
     for name in ("z", "kmean", "vmean", "vscale"):
         st[name] = torch.empty(BH, D, **f32)
     rb = 16
-    _key_stats_kernel[(BH, D // rb)](part, vext, st["kv"], st["z"], st["kmean"], st["vmean"], st["vscale"], chunks, L,
+    _reduce_stats_kernel[(BH, D // rb)](part, vext, st["kv"], st["z"], st["kmean"], st["vmean"], st["vscale"], chunks, L,
                                      D=D, RB=rb, V_STATS=v_stats, num_warps=4)
     return st
 
@@ -356,7 +355,7 @@ def attend(ops: dict, q, proj_b, block_q: int, block_k: int, config: dict, linea
 def sla_triton(q, k, v, proj_w, proj_b, count: int, block_q: int, block_k: int, quantized: bool, pv_fp8: bool,
                config: dict | None = None, linear: bool = True):
     """The Triton path. Returns (out [B, L, H, D], LUT int32 [B*H, n_qb, count_pad])."""
-    cfg = config or default_config(q.dtype, quantized, block_q, block_k, q.shape[-1])
+    cfg = config or default_config(quantized, block_q, block_k, q.shape[-1])
     count_pad = triton.cdiv(count, cfg["G"]) * cfg["G"]
     ops = prepare(q, k, v, proj_w, count, count_pad, block_q, block_k, quantized, pv_fp8, linear)
     return attend(ops, q, proj_b, block_q, block_k, cfg, linear)[0], ops["lut"]
