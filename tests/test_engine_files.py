@@ -7,6 +7,7 @@ import yaml
 
 from turbo_repl.engine import Engine, Request
 from turbo_repl.models import registry
+from turbo_repl.models.linear import quantize_state_dict
 from turbo_repl.settings import Settings
 
 PROMPT = "a lighthouse on a cliff at dusk, waves below"
@@ -20,6 +21,7 @@ def user_model(tmp_path, monkeypatch):
     folder.mkdir()
     c = builtin.components
     torch.save(c.experts[0].state_dict(), folder / "my-dit.pth")
+    torch.save(quantize_state_dict(c.experts[0].state_dict()), folder / "my-dit-quant.pth")
     torch.save(c.vae.state_dict(), folder / "my-vae.pth")
     torch.save(c.text_encoder.encoder.state_dict(), folder / "my-t5.pth")
     tiny = registry.get_model("tiny")
@@ -30,7 +32,8 @@ def user_model(tmp_path, monkeypatch):
                                     "checkpoint": {"repo": "me/t5", "file": "my-t5.pth"}}},
         "vaes": {"my-vae": {"arch": tiny.vae.arch, "checkpoint": {"repo": "me/vae", "file": "my-vae.pth"}}},
         "models": {"my-tiny": {"task": "t2v", "dit": tiny.dit_name, "text_encoder": "my-t5", "vae": "my-vae",
-                               "experts": {"main": {"repo": "me/dit", "file": "my-dit.pth"}},
+                               "experts": {"main": {"repo": "me/dit", "file": "my-dit.pth",
+                                                    "quant_file": "my-dit-quant.pth"}},
                                "defaults": tiny.defaults}},
     }))
     monkeypatch.setenv("TURBO_REPL_MODELS", str(models_file))
@@ -48,6 +51,18 @@ def test_user_model_loads_from_files_and_matches_builtin(user_model):
     s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "2", "attention": "sla"})
     ours = engine.generate(Request(PROMPT, s, 9)).frames
     assert torch.equal(ours, builtin.generate(Request(PROMPT, s, 9)).frames)
+
+
+def test_int8_checkpoint_made_the_reference_way_runs_like_quantising_at_load(user_model):
+    """A -quant.pth (TurboDiffusion's int8 layout) loads into int8 linears and gives the video that converting the
+    bf16 weights at load gives: the same quantiser made both."""
+    builtin, folder = user_model
+    engine = Engine("my-tiny", checkpoint_dir=folder, quant="int8")
+    assert engine.components.quant == "int8" == engine.components.native_quant
+    s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "1", "attention": "sla"})
+    ours = engine.generate(Request(PROMPT, s, 2))
+    assert ours.info["quant"] == "int8"
+    assert torch.equal(ours.frames, builtin.generate(Request(PROMPT, s.with_value("quant", "int8"), 2)).frames)
 
 
 def test_missing_checkpoint_names_the_file_and_the_command(user_model, tmp_path):
