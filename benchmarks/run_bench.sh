@@ -14,6 +14,7 @@ configs=(
   "--model wan2.1-14b-720p --set attention=sagesla --set quant=int8 --text-encoder cpu --memory-cap 24 --no-cuda-graphs --repeat 1 --skip load --skip baseline --skip components"
   "--model wan2.1-1.3b --set attention=sagesla --set quant=int8 --skip load --skip baseline"
   "--model wan2.1-1.3b --set attention=sagesla --set quant=fp8 --skip load --skip baseline"
+  "--model wan2.1-14b-720p --set attention=sagesla --set quant=fp8 --repeat 2 --skip load --skip baseline --skip mp4"
 )
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for i in "${@:-${!configs[@]}}"; do
