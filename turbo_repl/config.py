@@ -28,8 +28,12 @@ def state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / APP
 
 
+def config_dir() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / APP
+
+
 def config_path() -> Path:
-    return _xdg("XDG_CONFIG_HOME", ".config") / APP / "config.yaml"
+    return config_dir() / "config.yaml"
 
 
 def load_config() -> dict:

@@ -60,10 +60,11 @@ def _ref(d: dict | None) -> CheckpointRef | None:
 def user_models_file() -> Path:
     """Where a user describes models of their own (fine-tunes of a known architecture, local checkpoints):
     `$TURBO_REPL_MODELS`, else `$XDG_CONFIG_HOME/turbo-repl/models.yaml`. Same format as configs/models.yaml."""
+    from turbo_repl.config import config_dir
+
     if os.environ.get("TURBO_REPL_MODELS"):
         return Path(os.environ["TURBO_REPL_MODELS"])
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return config / "turbo-repl" / "models.yaml"
+    return config_dir() / "models.yaml"
 
 
 @lru_cache(maxsize=1)
