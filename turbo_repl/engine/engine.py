@@ -85,6 +85,7 @@ class Engine:
         quant = choose_quant(settings.quant, self.components.native_quant, self.device)
         if quant != self.components.quant:   # first: a reload brings new expert modules
             self.components.requantize(quant)
+            self.pipeline.forget_graphs()    # captured graphs point at the old linears' weights
             self.info["quant"] = quant
         for expert in self.components.experts:
             configure_attention(expert, attention, settings.topk)
@@ -92,7 +93,7 @@ class Engine:
 
     def generate(self, request: Request, progress=None, cancel=None) -> Video:
         timings: dict[str, float] = {}
-        stage_start = {"t": time.perf_counter(), "stage": None}
+        stage_start = {"t": time.perf_counter()}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
         def checkpoint(stage: str, done: int, total: int) -> None:
@@ -114,8 +115,10 @@ class Engine:
             frames = self.pipeline(job, checkpoint).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
+            advice = "fewer frames or a lower resolution" + (
+                "" if self.components.quant != "off" else ", or 8-bit weights (`:set quant fp8` or `int8`)")
             raise MemoryError(f"out of GPU memory at {job.width}x{job.height}, {job.frames} frames, "
-                              f"{job.samples} sample(s): try fewer frames, a lower resolution or `:set quant int8`")
+                              f"{job.samples} sample(s): try {advice}") from None
         timings["total"] = round(time.perf_counter() - started, 4)
         info = {**self.info, **backends, "width": job.width, "height": job.height, "frames": job.frames,
                 "generator_device": str(self.device), "vae_tiled": self.pipeline.last_decode_tiled}

@@ -145,6 +145,10 @@ class Pipeline:
             self._graphed = {id(n): self._graphed.get(id(n)) or GraphedForward(n) for n in self.experts}
         return self._graphed[id(net)]
 
+    def forget_graphs(self) -> None:
+        """Drop captured CUDA graphs (and their memory): the experts' modules or weights have changed."""
+        self._graphed = {}
+
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
