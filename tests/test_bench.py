@@ -27,3 +27,11 @@ def test_bench_refuses_a_bad_setting(capsys):
     assert main(["bench", "--set", "steps=9"]) == 2
     err = capsys.readouterr().err
     assert "steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_image_to_video_makes_its_own_image(capsys):
+    assert main(["bench", "--json", "--model", "tiny-i2v", "--repeat", "1", "--set", "frames=5", "--set", "steps=3",
+                 "--skip", "load", "--skip", "mp4", "--skip", "components"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    metrics = {r["metric"] for r in rows}
+    assert {"DiT step 3", "VAE decode", "baseline DiT forward (dense attention, unquantised linears)"} <= metrics

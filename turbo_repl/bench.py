@@ -122,8 +122,8 @@ def _component_split(forward, device) -> dict[str, float]:
 
 
 def run(args) -> int:
-    from turbo_repl.engine import Request
-    from turbo_repl.engine.engine import Engine, pick_device
+    from turbo_repl.engine.engine import pick_device
+    from turbo_repl.models.registry import get_model
     from turbo_repl.settings import SettingError, Settings
 
     device = pick_device(args.device)
@@ -136,6 +136,27 @@ def run(args) -> int:
     except (SettingError, KeyError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="turbo-repl-bench-") as tmp:
+        if get_model(model).task == "i2v" and not settings.image:   # image-to-video needs a picture: any will do
+            settings = settings.with_value("image", str(_test_image(Path(tmp), *settings.size)))
+        return _bench(args, model, device, settings)
+
+
+def _test_image(folder: Path, width: int, height: int) -> Path:
+    """A smooth colour gradient of the run's size, as a PNG."""
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    rgb = (torch.stack([x, y, (x + y) / 2], dim=-1) * 255).round().to(torch.uint8).numpy()
+    path = folder / "bench.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _bench(args, model: str, device: torch.device, settings) -> int:
+    from turbo_repl.engine import Request
+    from turbo_repl.engine.engine import Engine
+
     started = time.perf_counter()
     engine = Engine(model, device=str(device), weights="random", cuda_graphs=not args.no_cuda_graphs)
     build_s = time.perf_counter() - started
