@@ -228,7 +228,6 @@ def _bench(args, model: str, device: torch.device, settings) -> int:
         if args.text_encoder == "gpu":
             report.add("whole run, prompt to mp4 (new prompt)", whole + text_ms)
 
-
     grid = _latent_grid(job)
     x = torch.randn(job.samples, 16, *grid, device=device).to(engine.dtype)
     t = torch.full((job.samples, 1), 900.0, device=device).to(engine.dtype)
@@ -250,6 +249,7 @@ def _bench(args, model: str, device: torch.device, settings) -> int:
 
         if engine.components.quant != "off":
             engine.components.requantize("off")
+            engine.pipeline.forget_graphs()
         configure_attention(engine.components.experts[0], "original", settings.topk)
         base_ms = _median_ms(forward, device, args.repeat)
         report.add("baseline DiT forward (dense attention, unquantised linears)", base_ms)

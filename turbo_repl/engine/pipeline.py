@@ -156,8 +156,6 @@ class Pipeline:
     @torch.no_grad()
     def latents(self, job: Job, checkpoint: Checkpoint) -> torch.Tensor:
         shape = latent_shape(job)
-        if not self.is_i2v and job.image is not None:
-            raise ValueError("this is a text-to-video model: clear the image with `:image none`")
         checkpoint("text encoder", 0, 1)
         context = self.embed(job.prompt).expand(job.samples, -1, -1)
         checkpoint("text encoder", 1, 1)
