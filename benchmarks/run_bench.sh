@@ -4,7 +4,7 @@
 # Each configuration appends its JSON lines to OUTDIR/bench.jsonl, its log to OUTDIR/bench-N.log, and prints
 # its table.
 set -u
-out="${1:-${OUT:-/tmp}}"; shift || true
+out="${1:-/tmp/turbo-repl-bench}"; shift || true; mkdir -p "$out"
 . "$(dirname "$0")/gpu_env.sh" 2>/dev/null
 export PYTHONUNBUFFERED=1
 configs=(
