@@ -65,6 +65,17 @@ def test_int8_checkpoint_made_the_reference_way_runs_like_quantising_at_load(use
     assert torch.equal(ours.frames, builtin.generate(Request(PROMPT, s.with_value("quant", "int8"), 2)).frames)
 
 
+def test_auto_takes_the_int8_checkpoint_when_only_it_was_downloaded(user_model):
+    _, folder = user_model
+    (folder / "my-dit.pth").unlink()
+    engine = Engine("my-tiny", checkpoint_dir=folder)
+    assert engine.components.quant == "int8"
+    with pytest.raises(ValueError, match="my-dit.pth.*turbo-repl download my-tiny"):
+        engine.generate(Request(PROMPT, Settings.defaults("tiny").with_values({"frames": "5", "quant": "off"}), 0))
+    s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "1"})
+    assert engine.generate(Request(PROMPT, s, 0)).info["quant"] == "int8"   # still usable after the refusal
+
+
 def test_missing_checkpoint_names_the_file_and_the_command(user_model, tmp_path):
     _, folder = user_model
     (folder / "my-vae.pth").unlink()

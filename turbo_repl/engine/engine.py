@@ -208,7 +208,7 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
     from turbo_repl.models.tokenizer import load_tokenizer
     from turbo_repl.models.vae import WanVAE
 
-    files = locate(spec.name, checkpoint_dir=checkpoint_dir, quant=quant == "int8")
+    files = _locate_for(spec, checkpoint_dir, quant)
     te = spec.text_encoder
     with torch.device("meta"):
         encoder = UMT5Encoder(**te.arch)
@@ -234,7 +234,7 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
                 convert_linears(net, "fp8")
         return nets
 
-    nets = experts(quant if quant in ("int8", "fp8") else "off")
+    nets = experts("int8" if files.quant else quant if quant == "fp8" else "off")
     park = any(next(n.parameters()).device.type != device.type for n in nets)
     # umT5-XXL is 11 GB in bf16: it stays on the GPU only when it fits beside the rest, else it encodes on the
     # CPU (embeddings are cached per prompt, so that cost is paid once per prompt).
@@ -246,6 +246,23 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
     sparse = any(getattr(m, "proj_l", None) is not None for m in nets[0].modules())
     return Components(text_encoder, nets, vae, fingerprints=fingerprints, quant=loaded, sparse=sparse,
                       park_idle_expert=park, reload=experts)
+
+
+def _locate_for(spec: ModelSpec, checkpoint_dir, quant: str):
+    """The files for `quant`: int8 wants the -quant checkpoints; auto takes the bf16 ones, or the -quant ones when
+    only those were downloaded."""
+    from turbo_repl.models.locate import MissingCheckpoint, locate
+
+    try:
+        return locate(spec.name, checkpoint_dir=checkpoint_dir, quant=quant == "int8")
+    except MissingCheckpoint:
+        if quant != "auto":
+            raise
+        try:
+            return locate(spec.name, checkpoint_dir=checkpoint_dir, quant=True)
+        except MissingCheckpoint:
+            pass
+        raise
 
 
 def _dit_from_file(spec: ModelSpec, path, dtype, device):
