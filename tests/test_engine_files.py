@@ -94,3 +94,24 @@ def test_broken_user_models_file_is_one_clear_error(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("TURBO_REPL_MODELS")
         registry.reload()
+
+
+def test_quant_auto_returns_to_what_the_files_hold_after_starting_with_fp8(user_model):
+    """Starting with `quant fp8` quantises the bf16 checkpoint at load; `quant auto` afterwards means what a fresh
+    engine's auto means (the bf16 weights as they are), so that runs recorded with `auto` replay identically."""
+    builtin, folder = user_model
+    engine = Engine("my-tiny", checkpoint_dir=folder, quant="fp8")
+    s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "1", "attention": "sla"})
+    video = engine.generate(Request(PROMPT, s, 4))
+    assert video.info["quant"] == "off"
+    assert torch.equal(video.frames, builtin.generate(Request(PROMPT, s, 4)).frames)
+
+
+def test_records_name_the_checkpoint_the_experts_were_reloaded_from(user_model):
+    from turbo_repl.models.checkpoint import fingerprint
+
+    _, folder = user_model
+    engine = Engine("my-tiny", checkpoint_dir=folder, quant="int8")
+    assert engine.info["checkpoints"]["main"] == fingerprint(folder / "my-dit-quant.pth")
+    s = Settings.defaults("tiny").with_values({"frames": "5", "steps": "1", "quant": "off"})
+    assert engine.generate(Request(PROMPT, s, 1)).info["checkpoints"]["main"] == fingerprint(folder / "my-dit.pth")

@@ -127,10 +127,12 @@ class Engine:
 
 # -- loading ----------------------------------------------------------------------------------------------------
 class Components:
-    def __init__(self, text_encoder, experts, vae, *, fingerprints, quant, sparse, park_idle_expert, reload):
+    def __init__(self, text_encoder, experts, vae, *, fingerprints, quant, sparse, park_idle_expert, reload,
+                 native_quant=None):
         self.text_encoder, self.experts, self.vae = text_encoder, experts, vae
         self.fingerprints, self.quant, self.sparse = fingerprints, quant, sparse
-        self.native_quant = quant       # what the checkpoint holds: `quant auto` returns to it
+        # what the checkpoint files hold (not fp8, which is quantised at load): `quant auto` returns to it
+        self.native_quant = native_quant or quant
         self.park_idle_expert = park_idle_expert
         self._reload = reload
 
@@ -218,6 +220,8 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
     text_encoder = TextEncoder(encoder, load_tokenizer(te.tokenizer, files.tokenizer), te.text_len)
     vae = load_into(vae, read_state_dict(files.vae), what=f"{spec.name} VAE", path=files.vae).eval().to(device, dtype)
 
+    fingerprints: dict[str, str] = {}   # the run records' view: updated when the experts are reloaded
+
     def experts(mode: str):
         """The DiT experts with their linears in `mode`: int8 from the -quant checkpoints, fp8 quantised from
         the bf16 ones at load, off = the bf16 checkpoints as they are."""
@@ -232,6 +236,7 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
 
             for net in nets:
                 convert_linears(net, "fp8")
+        fingerprints.update({name: fingerprint(paths[name]) for name in spec.experts})
         return nets
 
     nets = experts("int8" if files.quant else quant if quant == "fp8" else "off")
@@ -239,13 +244,12 @@ def _load_files(spec: ModelSpec, checkpoint_dir, device, dtype, quant: str) -> C
     # umT5-XXL is 11 GB in bf16: it stays on the GPU only when it fits beside the rest, else it encodes on the
     # CPU (embeddings are cached per prompt, so that cost is paid once per prompt).
     text_encoder.to(device if _fits(_module_bytes(encoder), device) else "cpu")
-    fingerprints = {name: fingerprint(files.experts[name]) for name in spec.experts}
     fingerprints.update(vae=fingerprint(files.vae), text_encoder=fingerprint(files.text_encoder))
     loaded = "int8" if any(hasattr(m, "int8_weight") for m in nets[0].modules()) else (
         "fp8" if quant == "fp8" else "off")
     sparse = any(getattr(m, "proj_l", None) is not None for m in nets[0].modules())
     return Components(text_encoder, nets, vae, fingerprints=fingerprints, quant=loaded, sparse=sparse,
-                      park_idle_expert=park, reload=experts)
+                      park_idle_expert=park, reload=experts, native_quant="int8" if files.quant else "off")
 
 
 def _locate_for(spec: ModelSpec, checkpoint_dir, quant: str):
