@@ -106,3 +106,12 @@ def test_resolution_table():
         assert set(row) == set(ASPECTS)
         assert all(w % 16 == 0 and h % 16 == 0 for w, h in row.values())
     assert Settings.defaults("tiny").with_value("aspect", "1:1").size == (160, 160)
+
+
+def test_readme_settings_table_is_the_tables_output():
+    from pathlib import Path
+
+    from turbo_repl.settings import markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert markdown() in readme

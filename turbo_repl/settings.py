@@ -207,7 +207,7 @@ TABLE: tuple[Setting, ...] = (
             choices=("auto", "sagesla", "sla", "original"), aliases=("attention_type",)),
     Setting("quant", str, _choice(("auto", "int8", "fp8", "off"), {"on": "int8", "true": "int8", "yes": "int8",
                                                                     "false": "off", "no": "off"}),
-            "auto", "8-bit linear layers; auto picks by GPU memory", choices=("auto", "int8", "fp8", "off"),
+            "auto", "8-bit linear layers; auto keeps what the checkpoint holds (int8 for -quant files, else off)", choices=("auto", "int8", "fp8", "off"),
             aliases=("quant_linear",)),
     Setting("boundary", float, _float(0.0, 1.0), 0.9,
             "image-to-video: noise level at which the low-noise expert takes over", "0–1"),
