@@ -84,8 +84,9 @@ class Engine:
         attention, why = choose_attention(settings.attention, self.device, self.components.sparse)
         quant = choose_quant(settings.quant, self.components.native_quant, self.device)
         if quant != self.components.quant:   # first: a reload brings new expert modules
-            self.components.requantize(quant)
             self.pipeline.forget_graphs()    # captured graphs point at the old linears' weights
+            self.components.requantize(quant)
+            self.pipeline.park_idle_expert = self.components.park_idle_expert
             self.info["quant"] = quant
         for expert in self.components.experts:
             configure_attention(expert, attention, settings.topk)
@@ -109,9 +110,9 @@ class Engine:
                 progress(stage, done, total)
 
         job = self.job(request)
-        backends = self.configure(request.settings)
         started = time.perf_counter()
         try:
+            backends = self.configure(request.settings)
             frames = self.pipeline(job, checkpoint).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -138,14 +139,28 @@ class Components:
 
     def requantize(self, quant: str) -> None:
         """Switch the DiT experts' linear layers: bf16 ones are quantised in place (no second copy of the
-        weights); any other change reloads the experts (the old ones serve until the new ones are loaded)."""
+        weights); any other change reloads the experts. The old experts wait in host memory meanwhile, so the
+        new ones have the GPU to themselves, and come back unchanged if the reload fails."""
         if self.quant == "off" and quant in ("int8", "fp8"):
             from turbo_repl.models.linear import convert_linears
 
             for net in self.experts:
                 convert_linears(net, quant)
         else:
-            self.experts[:] = self._reload(quant)
+            old = [(net, next(net.parameters()).device) for net in self.experts]
+            for net, _ in old:
+                net.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                new = self._reload(quant)
+            except BaseException:
+                for net, device in old:
+                    net.to(device)
+                raise
+            self.experts[:] = new
+            first = next(new[0].parameters()).device.type
+            self.park_idle_expert = any(next(n.parameters()).device.type != first for n in new)
         self.quant = quant
 
 

@@ -100,8 +100,7 @@ class Pipeline:
         self.is_i2v = task == "i2v"
         # With two experts that do not both fit on the GPU, the idle one waits in host memory.
         self.park_idle_expert = park_idle_expert
-        # Experts that move between host and GPU cannot replay a graph captured at other addresses.
-        self.cuda_graphs = cuda_graphs and not park_idle_expert and self.device.type == "cuda"
+        self.use_cuda_graphs = cuda_graphs
         self._graphed: dict[int, GraphedForward] = {}
         self.last_decode_tiled = False
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -144,6 +143,11 @@ class Pipeline:
         if id(net) not in self._graphed:
             self._graphed = {id(n): self._graphed.get(id(n)) or GraphedForward(n) for n in self.experts}
         return self._graphed[id(net)]
+
+    @property
+    def cuda_graphs(self) -> bool:
+        # Experts that move between host and GPU cannot replay a graph captured at other addresses.
+        return self.use_cuda_graphs and not self.park_idle_expert and self.device.type == "cuda"
 
     def forget_graphs(self) -> None:
         """Drop captured CUDA graphs (and their memory): the experts' modules or weights have changed."""
