@@ -116,6 +116,7 @@ def test_ctrl_c_cancels_a_run_and_the_session_goes_on(tmp_path):
         # long enough (65 latent frames) that the run is still going when Ctrl-C arrives, even on a busy machine
         child.sendline(":set frames 257")
         child.expect(r"frames = \S*257")
+        child.expect("turbo>")          # type only at a prompt: keys sent while it redraws can be lost
         child.sendline("a long slow pan over a city")
         child.expect(r"step 1/4")
         child.sendcontrol("c")
@@ -123,6 +124,7 @@ def test_ctrl_c_cancels_a_run_and_the_session_goes_on(tmp_path):
         child.expect("turbo>")
         child.sendline(":set frames 5")
         child.expect(r"frames = \S*5")
+        child.expect("turbo>")
         child.sendline("a short one")
         child.expect("✓")
         child.expect("turbo>")
