@@ -205,7 +205,7 @@ class ModulePipeline:
     """The block's linears through the nn.Modules the DiT uses (default tile configurations): fused norms
     emitting the 8-bit input, Int8Linear / Fp8Linear, and feed_forward (GELU + quantisation in ffn.0)."""
 
-    def __init__(self, pl: Pipelines, cls):
+    def __init__(self, pl: Pipelines, cls, channel_scales=False):
         from turbo_repl.models.linear import feed_forward
 
         self.pl, self.feed_forward = pl, feed_forward
@@ -215,6 +215,8 @@ class ModulePipeline:
             lin.requires_grad_(False).weight.copy_(lay.w)
             lin.bias.copy_(lay.b)
             self.m[n] = cls.from_linear(lin)
+            if channel_scales:
+                self.m[n].use_channel_scales()
         self.ffn = torch.nn.Sequential(self.m["f0"], torch.nn.GELU(approximate="tanh"), self.m["f2"])
 
     def __call__(self):
@@ -296,9 +298,39 @@ def check_kernels(device, log):
     y = gemm8(xq, xs, *wf8, b, gelu=True, out="fp8", out_bound=bd)
     yr = gemm8_ref(xq, xs, *wf8, b, gelu=True, out="fp8", out_bound=bd)
     res["gemm fp8 gelu out=fp8 bounded rel"] = rel(deq(y), deq(yr))
+    res.update(check_pipelined_int8(device))
     res.update(check_modules(device))
     for k, v in res.items():
         log(f"  {k:55s} {v:.3g}")
+    return res
+
+
+def check_pipelined_int8(device):
+    """The int8 GEMM with its products kept in flight (kernels/int_mma.py) at real shapes with ragged M: equal
+    bit for bit to the plain launch (integer sums are exact) and to the float64 reference."""
+    from turbo_kernels import gemm8 as gemm8_module
+
+    if device == "cpu":   # the edit applies to sm_90 GPUs only
+        return {}
+    g = torch.Generator(device=device).manual_seed(5)
+    res = {}
+    for M, N, K in ((4099, 1536, 1536), (4099, 8960, 1536), (4099, 1536, 8960), (517, 5120, 5120)):
+        x = torch.randn(M, K, device=device, generator=g).to(torch.bfloat16)
+        w = (torch.randn(N, K, device=device, generator=g) / K ** 0.5).to(torch.bfloat16)
+        b = (0.1 * torch.randn(N, device=device, generator=g)).to(torch.bfloat16)
+        (xq, xs), (wq, ws) = quantize_rows(x, "int8"), quantize_rows_ref(w, "int8")
+        for kw in ({}, {"gelu": True, "out": "int8"}):
+            y = gemm8(xq, xs, wq, ws, b, **kw)
+            gemm8_module.PIPELINE_INT8_MMA = False
+            try:
+                y_plain = gemm8(xq, xs, wq, ws, b, **kw)
+            finally:
+                gemm8_module.PIPELINE_INT8_MMA = True
+            y_ref = gemm8_ref(xq, xs, wq, ws, b, **kw)
+            tag = f"gemm int8 pipelined {M}x{K}->{N}{' gelu->int8' if kw else ''}"
+            res[f"{tag} == plain launch"] = float(all(torch.equal(p, q) for p, q in zip(
+                y if kw else [y], y_plain if kw else [y_plain])))
+            res[f"{tag} rel vs ref"] = rel(deq(y), deq(y_ref)) if kw else rel(y, y_ref)
     return res
 
 
@@ -317,9 +349,10 @@ def check_modules(device):
     h = layernorm_triton(x, **mod)
     ref = F.linear(h.float(), lin0.weight.float(), lin0.bias.float())
     ref_ffn = F.linear(F.gelu(ref, approximate="tanh"), lin2.weight.float(), lin2.bias.float())
-    for cls in (Int8Linear, Fp8Linear):
+    for cls, name in ((Int8Linear, "Int8Linear"), (Int8Linear, "Int8Linear per channel"), (Fp8Linear, "Fp8Linear")):
         a, c = cls.from_linear(lin0), cls.from_linear(lin2)
-        name = cls.__name__
+        if name.endswith("per channel"):
+            a.use_channel_scales(), c.use_channel_scales()
         res[f"{name} input_format is {a.fmt}"] = float(a.input_format == a.fmt)
         res[f"{name} rel vs fp32"] = rel(a(h), ref)
         pair = layernorm_triton(x, out=a.fmt, **mod)
@@ -390,6 +423,20 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
     return best
 
 
+def unpipelined(fn):
+    """`fn` with the int8 GEMMs launched as Triton compiles them (one product at a time): the same-run baseline
+    of the pipelining edit."""
+    from turbo_kernels import gemm8 as gemm8_module
+
+    def run():
+        gemm8_module.PIPELINE_INT8_MMA = False
+        try:
+            return fn()
+        finally:
+            gemm8_module.PIPELINE_INT8_MMA = True
+    return run
+
+
 def run_model(name, device, configs, smoke, log, modules=False):
     dim, ffn, M = MODELS[name]
     layers, g = make_block(dim, ffn, device)
@@ -402,6 +449,7 @@ def run_model(name, device, configs, smoke, log, modules=False):
         "bf16-norms": lambda: pl.bf16(gelu=True, norms=True),
         "int8-td": lambda: pl.ours("int8-td"), "int8-td fused": lambda: pl.ours("int8-td", norms=True),
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
+        "int8-pc unpipelined": unpipelined(lambda: pl.ours("int8-pc")),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
@@ -409,8 +457,10 @@ def run_model(name, device, configs, smoke, log, modules=False):
     if modules:
         from turbo_repl.models.linear import Fp8Linear, Int8Linear
 
-        runs = {k: v for k, v in runs.items() if k.startswith("bf16") or k in ("int8-td fused", "fp8 fused")}
+        runs = {k: v for k, v in runs.items()
+                if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused")}
         runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
+        runs["Int8Linear modules, per channel"] = ModulePipeline(pl, Int8Linear, channel_scales=True)
         runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)
         runs["bf16+gelu again"] = runs.pop("bf16+gelu again")
     for run, fn in runs.items():
@@ -419,18 +469,19 @@ def run_model(name, device, configs, smoke, log, modules=False):
         except Exception as e:
             log(f"  {run}: FAILED {str(e).splitlines()[0][:200]}")
             continue
-        kind = {"Int8Linear modules": "int8-td", "Fp8Linear modules": "fp8"}.get(run, run.split()[0])
+        kind = {"Int8Linear modules": "int8-td", "Int8Linear modules, per channel": "int8-pc",
+                "Fp8Linear modules": "fp8"}.get(run, run.split()[0])
         err = errors(pl, kind, 64 if smoke else 2048)
         rows[run] = {"ms": t, "tflops": flops / (t * 1e-3) / 1e12 if t == t else None, "err": err}
     base, base_g, base_n = rows["bf16"]["ms"], rows["bf16+gelu"]["ms"], rows.get("bf16-norms", {}).get("ms")
     log(f"\n{name}: dim {dim}, ffn {ffn}, M {M} (+{TEXT} text tokens); {flops / 1e12:.2f} TFLOP per block")
-    log(f"  {'pipeline':18s} {'ms':>8s} {'TFLOPS':>7s} {'x bf16':>7s} {'x same-scope bf16':>18s}"
+    log(f"  {'pipeline':32s} {'ms':>8s} {'TFLOPS':>7s} {'x bf16':>7s} {'x same-scope bf16':>18s}"
         "   rel-L2 q / ffn0+gelu / ffn2")
     for run, r in rows.items():
         scope = base_n if "fused" in run or "modules" in run or run == "bf16-norms" else (
             base if run == "bf16" else base_g)
         e = r["err"]
-        log(f"  {run:18s} {r['ms']:8.3f} {r['tflops'] or 0:7.0f} {base / r['ms']:7.2f} {scope / r['ms']:18.2f}"
+        log(f"  {run:32s} {r['ms']:8.3f} {r['tflops'] or 0:7.0f} {base / r['ms']:7.2f} {scope / r['ms']:18.2f}"
             f"   {e['q']:.2e} / {e['ffn0+gelu']:.2e} / {e['ffn2']:.2e}")
     del layers, inp, pl
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -465,7 +516,7 @@ def main():
     log("kernel checks (vs torch references):")
     try:
         if args.modules:  # the module checks only
-            checks = check_modules(device)
+            checks = {**check_pipelined_int8(device), **check_modules(device)}
             for k, v in checks.items():
                 log(f"  {k:55s} {v:.3g}")
         else:

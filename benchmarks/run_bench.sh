@@ -15,7 +15,9 @@ configs=(
   "--model wan2.1-1.3b --set attention=sagesla --set quant=int8 --skip load --skip baseline"
   "--model wan2.1-1.3b --set attention=sagesla --set quant=fp8 --skip load --skip baseline"
   "--model wan2.1-14b-720p --set attention=sagesla --set quant=fp8 --repeat 2 --skip load --skip baseline --skip mp4"
-  "--model wan2.2-a14b-i2v --set attention=sagesla --set quant=fp8 --repeat 2 --skip load --skip mp4"
+  "--model wan2.2-a14b-i2v --set attention=sagesla --set quant=fp8 --repeat 2 --skip load --skip mp4 --skip baseline"
+  "--model wan2.1-1.3b --set attention=sagesla --cold --repeat 1 --skip baseline --skip components --skip mp4"
+  "--model wan2.1-14b-720p --set attention=sagesla --cold --repeat 1 --skip baseline --skip components --skip mp4"
 )
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for i in "${@:-${!configs[@]}}"; do

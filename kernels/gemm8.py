@@ -184,14 +184,36 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     coef, bias_amax = out_bound if out_bound is not None else (0.0, 0.0)
     if M and N:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _gemm8_kernel[grid](
-            a, b, c, a_scale, b_scale, bias if bias is not None else a_scale, cs,
-            M, N, K, a.stride(0), b.stride(0), c.stride(0),
-            a_scale.stride(0), b_scale.stride(0), cs.stride(0), float(coef), float(bias_amax),
-            FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
-            HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
-            ROW_BOUND=out_bound is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+        args = dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=a_scale, bs_ptr=b_scale,
+                    bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs, M=M, N=N, K=K,
+                    stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=c.stride(0),
+                    stride_asm=a_scale.stride(0), stride_bsn=b_scale.stride(0), stride_csm=cs.stride(0),
+                    bound_coef=float(coef), bound_bias=float(bias_amax))
+        launch_options = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
+        constexprs = dict(FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
+                          HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
+                          ROW_BOUND=out_bound is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+        integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
+        if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
+                grid, args, constexprs, launch_options)):
+            _gemm8_kernel[grid](**args, **constexprs, **launch_options)
     return (c, cs) if out else c
+
+
+# Keep int8 products in flight on Hopper (kernels/int_mma.py); a switch for same-run comparisons.
+PIPELINE_INT8_MMA = True
+
+
+def _launch_pipelined(grid, args, constexprs, launch_options) -> bool:
+    """Launch the int32-accumulator GEMM with its products pipelined; False where that does not apply (then the
+    caller launches the plain kernel)."""
+    from .int_mma import NotPipelinable, launch
+
+    try:
+        launch(_gemm8_kernel, grid, args, constexprs, **launch_options)
+        return True
+    except NotPipelinable:
+        return False
 
 
 def output_bound(b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None, a_fmt: str) -> tuple[float, float]:

@@ -35,3 +35,42 @@ def test_bench_image_to_video_makes_its_own_image(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     metrics = {r["metric"] for r in rows}
     assert {"DiT step 3", "VAE decode", "baseline DiT forward (dense attention, unquantised linears)"} <= metrics
+
+
+
+def _resident_pages(path) -> int:
+    """How many of the file's pages are in the page cache (mincore over a private mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        view = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        del start
+        return sum(v & 1 for v in vec)
+    finally:
+        view.close()
+
+
+def test_cold_load_evicts_the_checkpoint_from_the_page_cache(tmp_path):
+    import os
+
+    import pytest
+
+    from turbo_repl.bench import evict_from_page_cache
+
+    path = tmp_path / "dit.safetensors"
+    path.write_bytes(os.urandom(4 << 20))
+    path.read_bytes()
+    before = _resident_pages(path)
+    if before == 0:
+        pytest.skip("this filesystem keeps no page cache for the file")
+    evict_from_page_cache(path)
+    assert _resident_pages(path) < before // 4

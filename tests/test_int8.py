@@ -94,3 +94,29 @@ def test_gemm_rejects_mismatched_operands():
         gemm8(a, torch.ones(4), torch.zeros(8, 256, dtype=torch.int8), torch.ones(8))
     with pytest.raises(ValueError, match="weight scale has shape"):
         gemm8(a, torch.ones(4), torch.zeros(8, 128, dtype=torch.int8), torch.ones(3))
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_channel_scales_keep_the_layer_within_the_error_bound(mode):
+    """The GPU's form of a TurboDiffusion layer: its tile-scaled weight re-quantised per output channel."""
+    from turbo_repl.models.linear import Int8Linear, use_channel_scales
+
+    g = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(384, 200).requires_grad_(False)
+    lin.weight.copy_(torch.randn(200, 384, generator=g) / 384 ** 0.5)
+    x = torch.randn(2, 70, 384, generator=g)
+    model = torch.nn.Sequential(Int8Linear.from_linear(lin))
+    layer = model[0]
+    tiles_out = layer(x)
+    use_channel_scales(model)
+    assert layer.scale.shape == (200,) and layer.int8_weight.dtype == torch.int8
+    layer.mode = mode
+    out = layer(x)
+    assert rel(out, lin(x)) <= 2e-2
+    assert rel(out, tiles_out) <= 2e-2
+    # the new weight is the old one re-rounded: within one new step of the tile-scaled values
+    weight = layer.int8_weight.float() * layer.scale[:, None]
+    assert (weight - lin.weight).abs().max() <= layer.scale.max() * 1.01 + 1e-6
+    before = layer.int8_weight.clone()
+    use_channel_scales(model)     # a second call changes nothing
+    assert torch.equal(layer.int8_weight, before)

@@ -88,6 +88,11 @@ class Engine:
             self.components.requantize(quant)
             self.pipeline.park_idle_expert = self.components.park_idle_expert
             self.info["quant"] = quant
+        if quant == "int8" and self.device.type == "cuda":
+            from turbo_repl.models.linear import use_channel_scales
+
+            for expert in self.components.experts:   # before any graph capture; a no-op once done
+                use_channel_scales(expert)
         for expert in self.components.experts:
             configure_attention(expert, attention, settings.topk)
         return {"attention": attention, "attention_reason": why, "quant": quant}

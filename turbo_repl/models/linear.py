@@ -2,7 +2,9 @@
 
 * `Int8Linear` is TurboDiffusion's layer, buffer for buffer: `int8_weight` int8 [out, in], `scale` float32
   [ceil(out/128), ceil(in/128)] (one per 128x128 weight tile), `bias` [out] — so a `-quant.pth` checkpoint
-  loads into it strictly. `from_linear` quantises a float Linear the same way.
+  loads into it strictly. `from_linear` quantises a float Linear the same way. On a GPU the engine re-quantises
+  the weights to one scale per output channel (`use_channel_scales`): tile scales force a rescale per 128-wide
+  K step, which keeps the GEMM at bf16 speed; per channel it keeps one integer accumulator over all of K.
 * `Fp8Linear` holds e4m3 weights with one scale per output channel, made once at load from a bf16 checkpoint.
 
 Forward modes (`configure_linears(model, mode)`):
@@ -13,9 +15,9 @@ Forward modes (`configure_linears(model, mode)`):
 * `fast` (default) — on a GPU, Triton kernels: activations quantised per token (one scale per row: scale =
   amax/127 for int8, amax/448 for e4m3), then the W8A8 GEMM with the bias fused. Per token, because the norm
   that produces an activation holds its whole row and can emit it already quantised (no extra pass), and with
-  per-channel weights (FP8) the GEMM keeps one accumulator over all of K. Error against float32 on Gaussian data:
-  int8 1.2-1.3e-2 (TurboDiffusion's tiles: 1.3e-2), FP8 3.7e-2 (e4m3's 3 mantissa bits). Off the GPU `fast` is
-  `reference`.
+  per-channel weights the GEMM keeps one accumulator over all of K. Error against float32 on Gaussian data:
+  int8 1.2-1.3e-2 (TurboDiffusion's tiles: 1.3e-2; tiles re-quantised per channel: 1.5e-2), FP8 3.7e-2 (e4m3's
+  3 mantissa bits). Off the GPU `fast` is `reference`.
 * `triton` — the kernels wherever they run (the Triton interpreter on a CPU): for tests.
 
 In `fast` mode on a GPU a layer's `input_format` is "int8" or "fp8": the block may then hand it the pair
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref, int8_linear_tiles_trace, output_bound
-from turbo_kernels.quant8 import TILE, quantize_rows, quantize_rows_ref, quantize_tiles_ref
+from turbo_kernels.quant8 import TILE, expand_tiles, quantize_rows, quantize_rows_ref, quantize_tiles_ref
 
 QUANT_MODES = ("int8", "fp8")
 FORWARD_MODES = ("reference", "fast", "triton")
@@ -85,7 +87,7 @@ class Linear8(nn.Module):
                 raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
             lead, out_dtype = x.shape[:-1], x.dtype
             x2 = x.reshape(-1, self.in_features)
-            if not self.uses_triton() and self.fmt == "int8":   # TurboDiffusion's own arithmetic
+            if not self.uses_triton() and self.fmt == "int8" and w_scale.dim() == 2:   # TurboDiffusion's own
                 y = int8_linear_tiles_ref(x2, weight, w_scale, self.bias)
                 if gelu:
                     y = F.gelu(y, approximate="tanh")
@@ -141,6 +143,18 @@ class Int8Linear(Linear8):
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
+
+    @torch.no_grad()
+    def use_channel_scales(self) -> None:
+        """Re-quantise the weight from 128x128 tile scales to one scale per output channel, in place."""
+        if self.scale.dim() == 1:
+            return
+        tiles = expand_tiles(self.scale, self.out_features).repeat_interleave(TILE, dim=1)[:, : self.in_features]
+        weight = torch.empty(self.int8_weight.shape, dtype=torch.float32, device=self.int8_weight.device)
+        for rows in torch.split(torch.arange(self.out_features, device=weight.device), 4096):  # bounded temporaries
+            weight[rows] = self.int8_weight[rows].float() * tiles[rows]
+        self.int8_weight, self.scale = quantize_rows_ref(weight, "int8")
+        self._bound = None
 
 
 class Fp8Linear(Linear8):
@@ -210,9 +224,19 @@ def convert_linears(model: nn.Module, mode: str) -> nn.Module:
     if mode not in QUANT_MODES:
         raise ValueError(f"quantisation must be one of {', '.join(QUANT_MODES)}, not '{mode}'")
     cls = Int8Linear if mode == "int8" else Fp8Linear
-    for parent, attr, lin in quantizable_linears(model):
-        setattr(parent, attr, cls.from_linear(lin))
+    # by name, so each float weight is freed as soon as its layer is replaced (peak: the model plus one layer)
+    places = [(parent, attr) for parent, attr, _ in quantizable_linears(model)]
+    for parent, attr in places:
+        setattr(parent, attr, cls.from_linear(getattr(parent, attr)))
     return model
+
+
+def use_channel_scales(model: nn.Module) -> None:
+    """Put every int8 layer of `model` in the per-channel form the GPU's fast path runs at full speed (see
+    `Int8Linear`); layers already in it are left alone."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.use_channel_scales()
 
 
 def configure_linears(model: nn.Module, mode: str) -> None:

@@ -1,0 +1,144 @@
+"""Keep int8 tensor-core products in flight on Hopper.
+
+Triton software-pipelines a GEMM's loads on Hopper, but it lets a wgmma stay in flight while the next one is
+issued only when the accumulator is float32. An int8 GEMM accumulates in int32, so its K loop waits for every
+product before issuing the next one, and runs ~20% slower than the same GEMM in FP8 (benchmarks/notes-linear.md).
+
+The hardware has no such restriction (PTX only asks that the accumulator registers are not touched while a
+product is pending). `pipelined_int_mma` edits a compiled kernel's TTGIR the way Triton edits it for a float32
+accumulator: the wait inside the K loop leaves one product pending, and one wait after the loop collects the
+last. The loads that refill a shared-memory stage are already issued after that wait, so a stage is never
+overwritten while the pending product still reads it. `launch` compiles a kernel that way (once per
+specialisation) and launches it; anything it cannot handle raises `NotPipelinable`, and the caller falls back to
+the plain launch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import torch
+import triton
+from triton.compiler import ASTSource
+
+_POINTER_TYPES = {torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv", torch.bfloat16: "*bf16",
+                  torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+_LOOP = re.compile(r"(\s*)(%[\w.$-]+):\d+ = scf\.for .*\) -> \((.*)\)\s+: i\d+ \{")
+
+
+class NotPipelinable(Exception):
+    """This kernel, device or argument list is not one `launch` handles."""
+
+
+def pipelined_int_mma(ttgir: str) -> str:
+    """The TTGIR of a kernel whose K loop carries an int32 wgmma accumulator, with one product left in flight
+    across iterations (as Triton does for float32 accumulators)."""
+    lines = ttgir.split("\n")
+    for i, line in enumerate(lines):
+        loop = _LOOP.match(line)
+        if loop is None:
+            continue
+        indent, result, types = loop.groups()
+        carried = _split_types(types)
+        acc = [k for k, t in enumerate(carried) if re.fullmatch(r"tensor<\w+xi32, #mma\w*>", t)]
+        if not acc:
+            continue
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(indent + "}"))
+        body = lines[i + 1:end]
+        if not any("async_copy_global_to_local" in b for b in body):
+            raise NotPipelinable("the K loop's loads are not multi-buffered")
+        waits = [j for j in range(i + 1, end)
+                 if "ttng.warp_group_dot_wait" in lines[j] and "pendings = 0" in lines[j]]
+        if len(acc) != 1 or len(waits) != 1:
+            raise NotPipelinable(f"expected one int32 accumulator and one wgmma wait, found {len(acc)}, {len(waits)}")
+        lines[waits[0]] = lines[waits[0]].replace("pendings = 0", "pendings = 1")
+        value, done = f"{result}#{acc[0]}", f"{result}_all_done"
+        collect = f"{indent}{done} = ttng.warp_group_dot_wait {value} {{pendings = 0 : i32}} : {carried[acc[0]]}"
+        after = re.sub(re.escape(value) + r"\b", done, "\n".join(lines[end + 1:]))
+        return "\n".join(lines[: end + 1] + [collect, after])
+    raise NotPipelinable("no K loop with an int32 wgmma accumulator")
+
+
+def _split_types(types: str) -> list[str]:
+    """'tensor<a, #b>, i32, !ttg.async.token' -> its top-level items."""
+    items, depth, start = [], 0, 0
+    for k, ch in enumerate(types):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "," and depth == 0:
+            items.append(types[start:k].strip())
+            start = k + 1
+    return items + [types[start:].strip()]
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _POINTER_TYPES:
+            raise NotPipelinable(f"no pointer type for {value.dtype}")
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        raise NotPipelinable("bool runtime arguments are not handled")
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise NotPipelinable(f"argument of type {type(value).__name__}")
+
+
+def _divisible(value) -> bool:
+    """What Triton's JIT assumes of an argument: 16-byte aligned pointer, integer multiple of 16."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
+_compiled: dict = {}
+
+
+def compile_pipelined(fn, args: dict, constexprs: dict, *, num_warps: int, num_stages: int, target=None):
+    """`fn` compiled for `target` (default: the current GPU) with its int32 K loop pipelined. `args` are the
+    runtime arguments by name, in `fn`'s parameter order; cached per types, alignments and constexprs."""
+    if target is None:
+        target = triton.runtime.driver.active.get_current_target()
+    if getattr(target, "backend", None) != "cuda" or target.arch != 90:
+        raise NotPipelinable(f"wgmma pipelining applies to sm_90 only, not {target}")
+    types = {name: _arg_type(v) for name, v in args.items()}
+    aligned = tuple(i for i, v in enumerate(args.values()) if _divisible(v))
+    key = (fn, tuple(types.values()), aligned, tuple(sorted(constexprs.items())), num_warps, num_stages,
+           target.arch)
+    if key not in _compiled:
+        try:
+            _compiled[key] = _build(fn, types, aligned, constexprs, num_warps, num_stages, target)
+        except NotPipelinable as e:
+            _compiled[key] = e
+        except Exception as e:   # a Triton whose IR this edit does not fit: fall back, and say why once
+            _compiled[key] = NotPipelinable(f"compiling the pipelined kernel failed: {e}")
+    kernel = _compiled[key]
+    if isinstance(kernel, NotPipelinable):
+        raise kernel
+    return kernel
+
+
+def compile_plain(fn, types: dict, aligned: tuple, constexprs: dict, *, target, **options):
+    """`fn` compiled as Triton's JIT would compile it (what `pipelined_int_mma` starts from)."""
+    signature = {**types, **{name: "constexpr" for name in constexprs}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=target, options=options)
+
+
+def _build(fn, types, aligned, constexprs, num_warps, num_stages, target):
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    ttgir = pipelined_int_mma(compile_plain(fn, types, aligned, constexprs, target=target, **options).asm["ttgir"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttgir")
+        with open(path, "w") as f:
+            f.write(ttgir)
+        return triton.compile(path, target=target, options=options)
+
+
+def launch(fn, grid: tuple, args: dict, constexprs: dict, *, num_warps: int, num_stages: int) -> None:
+    """Launch `fn` on `grid` with its int32 K loop pipelined (see the module doc)."""
+    kernel = compile_pipelined(fn, args, constexprs, num_warps=num_warps, num_stages=num_stages)
+    kernel[tuple(grid) + (1,) * (3 - len(grid))](*args.values())
