@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from turbo_kernels.gemm8 import gemm8, gemm8_ref, output_bound  # noqa: E402
 from turbo_kernels.norms import layernorm_ref, layernorm_triton, rmsnorm_rope_ref, rmsnorm_rope_triton  # noqa: E402
-from turbo_kernels.quant8 import quantize_rows, quantize_rows_ref, quantize_tiles_ref  # noqa: E402
+from turbo_kernels.quant8 import (int8_to_row_scales, int8_to_row_scales_ref, quantize_rows,  # noqa: E402
+                                  quantize_rows_ref, quantize_tiles_ref)
 
 MODELS = {  # name: (dim, ffn_dim, tokens)
     "1.3b-480p": (1536, 8960, 32760),
@@ -177,6 +178,8 @@ class Pipelines:
                 lin("ck", a_ctx), lin("cv", a_ctx), lin("co", a_co)]
         bound = {"out_bound": L["f0"].f8_bound} if kind == "fp8" else {}
         hid = lin("f0", h2, gelu=True, out=fmt, **bound)
+        if kind == "int8-pc":   # as feed_forward does: one scale per token keeps ffn.2 on one accumulator
+            hid = int8_to_row_scales(*hid)
         return outs, hid, lin("f2", hid)
 
     # ---- torch._scaled_mm
@@ -252,6 +255,8 @@ def errors(pl: Pipelines, name: str, rows: int) -> dict:
         f0 = deq(hid)
         fmt = "fp8" if name == "fp8" else "int8"
         hq = quantize_rows(sub.inp["hid"], fmt, group=None if fmt == "fp8" else 128)   # as the pipeline does
+        if name == "int8-pc":
+            hq = int8_to_row_scales(*hq)
         w, ws = L["f2"].weights(name)
         f2 = gemm8(hq[0], hq[1], w, ws, L["f2"].b)
     return {"q": rel(outs[0], q_ref), "ffn0+gelu": rel(f0, f0_ref), "ffn2": rel(f2, f2_ref)}
@@ -271,6 +276,9 @@ def check_kernels(device, log):
             qr, sr = quantize_rows_ref(x, fmt, group)
             res[f"quant {fmt} group={group} equal"] = (q.float() == qr.float()).float().mean().item()
             res[f"quant {fmt} group={group} scale err"] = ((s - sr).abs() / sr).max().item()
+    q, s = quantize_rows(x, "int8", 128)
+    (q1, s1), (q2, s2) = int8_to_row_scales(q, s), int8_to_row_scales_ref(q, s)
+    res["int8 groups -> row scales equal"] = float(torch.equal(q1, q2) and torch.equal(s1, s2))
     w = (r(200, 384) / 20).to(torch.bfloat16)
     b = r(200).to(torch.bfloat16)
     wtd, wpc, wf8 = quantize_tiles_ref(w), quantize_rows_ref(w, "int8"), quantize_rows_ref(w, "fp8")

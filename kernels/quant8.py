@@ -151,7 +151,54 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int | None = None) -> tuple[
     return q.view(*lead, K), (s.view(*lead, groups) if group else s.view(lead))
 
 
+@triton.jit
+def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride_q, stride_s, stride_out,
+                               BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    g = tl.arange(0, BLOCK_G)
+    s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_s
+    scales = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & (g[None, :] < G), other=0.0)
+    row_scale = tl.maximum(tl.max(scales, axis=1), 1e-30)
+    cols = tl.arange(0, 128)
+    for k in range(0, G):
+        c = k * 128 + cols[None, :]
+        ok = row_ok[:, None] & (c < K)
+        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + c, mask=ok, other=0).to(tl.float32)
+        ratio = tl.load(s_ptr + rows.to(tl.int64) * stride_s + k, mask=row_ok, other=0.0) / row_scale
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + c, quantize_values(q, ratio[:, None], False),
+                 mask=ok)
+    tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
+
+
+def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values with one scale per (row, 128 columns) -> the same values re-rounded to one scale per row
+    (the largest of the row's): (q_row [M, K], scale [M]). For a GEMM that then keeps one integer accumulator
+    over all of K; costs one pass over the int8 values and a second rounding (at most half a step of the row
+    scale per value)."""
+    M, K = q.shape
+    G = group_scale.shape[1]
+    if group_scale.shape != (M, triton.cdiv(K, TILE)):
+        raise ValueError(f"group scales have shape {tuple(group_scale.shape)}; expected [{M}, {triton.cdiv(K, TILE)}]")
+    q, group_scale = q.contiguous(), group_scale.float().contiguous()
+    out = torch.empty_like(q)
+    scale = torch.empty(M, dtype=torch.float32, device=q.device)
+    if M:
+        block_m = 16
+        _int8_to_row_scales_kernel[(triton.cdiv(M, block_m),)](
+            q, group_scale, out, scale, M, K, G, q.stride(0), group_scale.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), num_warps=4)
+    return out, scale
+
+
 # --------------------------------------------------------------------------------------------- references
+
+def int8_to_row_scales_ref(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `int8_to_row_scales`: the same float32 arithmetic."""
+    scale = group_scale.float().amax(dim=1).clamp_min(1e-30)
+    ratio = (group_scale.float() / scale[:, None]).repeat_interleave(TILE, dim=1)[:, : q.shape[1]]
+    return round_to_format(q.float() * ratio, "int8"), scale
+
 
 def round_to_format(v: torch.Tensor, fmt: str) -> torch.Tensor:
     """float32 values already divided by their scale -> int8 (round half even, saturate) or e4m3."""

@@ -120,3 +120,22 @@ def test_channel_scales_keep_the_layer_within_the_error_bound(mode):
     before = layer.int8_weight.clone()
     use_channel_scales(model)     # a second call changes nothing
     assert torch.equal(layer.int8_weight, before)
+
+
+@pytest.mark.parametrize("M,K", [(37, 384), (5, 300), (64, 128)])
+def test_group_scales_to_row_scales(M, K):
+    from turbo_kernels.quant8 import int8_to_row_scales, int8_to_row_scales_ref
+
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+    x[:, :128] *= 5                                   # groups of different ranges within a row
+    q, s = quantize_rows_ref(x, "int8", 128)
+    q_row, s_row = int8_to_row_scales(q, s)
+    ref_q, ref_s = int8_to_row_scales_ref(q, s)
+    assert torch.equal(q_row, ref_q) and torch.equal(s_row, ref_s)
+    assert s_row.shape == (M,) and torch.allclose(s_row, s.amax(1))
+    # a second rounding: within half a row step of the grouped values, and close to a direct per-row rounding
+    grouped = q.float() * s.repeat_interleave(128, 1)[:, :K]
+    assert ((q_row.float() * s_row[:, None] - grouped).abs() <= s_row[:, None] * 0.5 + 1e-7).all()
+    direct_q, direct_s = quantize_rows_ref(x, "int8")
+    assert rel(q_row.float() * s_row[:, None], x) <= 1.5 * rel(direct_q.float() * direct_s[:, None], x)

@@ -12,10 +12,11 @@ from torch import nn
 
 from turbo_kernels.gemm8 import gemm8_ref, int8_linear_tiles_trace
 from turbo_kernels.norms import layernorm_triton
-from turbo_kernels.quant8 import quantize_rows_ref
+from turbo_kernels.quant8 import int8_to_row_scales_ref, quantize_rows_ref
 from turbo_repl.models.dit import WanDiT
 from turbo_repl.models.linear import (Fp8Linear, Int8Linear, Linear8, configure_linears, convert_linears,
-                                      feed_forward, int8_shells, quantize_state_dict, reference_int8_trace)
+                                      feed_forward, int8_shells, quantize_state_dict, reference_int8_trace,
+                                      use_channel_scales)
 
 
 def rel(out, ref):
@@ -113,12 +114,15 @@ class _Blocks(nn.Module):
         self.blocks = nn.ModuleList([nn.ModuleDict({"ffn": ffn})])
 
 
-@pytest.mark.parametrize("fmt, bound", [("int8", 2.5e-2), ("fp8", 6e-2)])
-def test_feed_forward_fuses_gelu_and_quantisation(fmt, bound):
+@pytest.mark.parametrize("fmt, bound, channels", [("int8", 2.5e-2, False), ("int8", 2.5e-2, True),
+                                                   ("fp8", 6e-2, False)])
+def test_feed_forward_fuses_gelu_and_quantisation(fmt, bound, channels):
     ffn = nn.Sequential(linear(256, 384, 5), nn.GELU(approximate="tanh"), linear(384, 256, 6))
     x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(7))
     ref = ffn(x)
     model = convert_linears(_Blocks(copy.deepcopy(ffn)), fmt)
+    if channels:   # the GPU's int8 form: ffn.2 then takes its input with one scale per token
+        use_channel_scales(model)
     configure_linears(model, "triton")
     first, last = model.blocks[0]["ffn"][0], model.blocks[0]["ffn"][2]
     y = feed_forward(model.blocks[0]["ffn"], x)
@@ -130,6 +134,8 @@ def test_feed_forward_fuses_gelu_and_quantisation(fmt, bound):
     bound0 = first.output_bound() if fmt == "fp8" else None
     h = gemm8_ref(xq, xs, w0, s0, first.bias, gelu=True, out=fmt, out_bound=bound0)
     assert h[1].shape == ((80,) if fmt == "fp8" else (80, 3))   # FP8: per token; int8: per 128 channels
+    if channels:
+        h = int8_to_row_scales_ref(*h)
     assert rel(y, gemm8_ref(*h, w2, s2, last.bias, out_dtype=torch.float32).view(2, 40, 256)) <= 1e-5
 
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbo_kernels.gemm8 import gemm8, gemm8_ref, int8_linear_tiles_ref, int8_linear_tiles_trace, output_bound
-from turbo_kernels.quant8 import TILE, expand_tiles, quantize_rows, quantize_rows_ref, quantize_tiles_ref
+from turbo_kernels.quant8 import (TILE, expand_tiles, int8_to_row_scales, quantize_rows, quantize_rows_ref,
+                                  quantize_tiles_ref)
 
 QUANT_MODES = ("int8", "fp8")
 FORWARD_MODES = ("reference", "fast", "triton")
@@ -253,10 +254,22 @@ def feed_forward(ffn: nn.Sequential, x: torch.Tensor | Quantized) -> torch.Tenso
     quantisation of the hidden activations (per token and 128 channels) run in the first GEMM's epilogue."""
     first, last = ffn[0], ffn[2]
     if isinstance(first, Linear8) and isinstance(last, Linear8) and last.input_format is not None:
-        return last(first(x, gelu=True, out=last.input_format))
+        hidden = first(x, gelu=True, out=last.input_format)
+        if hidden[1].dim() == hidden[0].dim() and last.weight_and_scale()[1].dim() == 1:
+            hidden = _one_scale_per_token(hidden)
+        return last(hidden)
     if isinstance(first, Linear8):
         return last(first(x, gelu=True))
     return ffn(x)
+
+
+def _one_scale_per_token(pair: Quantized) -> Quantized:
+    """int8 hidden activations with a scale per (token, 128 channels) -> one scale per token, so that ffn.2 with
+    per-channel weights keeps one integer accumulator over all of K (measured on an H100 at 14B 720p: 14.3 ms
+    with a rescale per K step against 7.7 ms; the extra pass costs ~0.7 ms)."""
+    q, s = pair
+    q2, s2 = int8_to_row_scales(q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1]))
+    return q2.view(q.shape), s2.view(q.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
