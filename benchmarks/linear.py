@@ -370,6 +370,12 @@ def check_modules(device):
         res[f"{name} fused-norm scales == separate"] = float((pair[1] == sep[1]).float().mean())
         res[f"{name} pair input vs tensor input, rel"] = rel(a(pair), a(h))
         res[f"{name} fused ffn rel vs fp32"] = rel(feed_forward(torch.nn.Sequential(a, ffn[1], c), h), ref_ffn)
+        from turbo_repl.models.linear import residual_update
+
+        res_x = torch.randn(2, 300, 4096, device=device, generator=g).to(torch.bfloat16)
+        gate = torch.randn(2, 1, 4096, device=device, generator=g)
+        res[f"{name} fused residual update rel vs plain"] = rel(residual_update(a, h, res_x, gate),
+                                                               res_x.float() + a(h).float() * gate)
         a.mode = "reference"
         res[f"{name} reference mode rel vs fp32"] = rel(a(h), ref)
     return res

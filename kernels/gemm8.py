@@ -47,12 +47,12 @@ def _gelu_tanh(y, FAST: tl.constexpr):
 
 
 @triton.jit
-def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
-                  M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm,
-                  bound_coef, bound_bias,
+def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr,
+                  M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm,
+                  rows_per_gate, bound_coef, bound_bias,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
-                  ROW_BOUND: tl.constexpr, FAST_GELU: tl.constexpr,
+                  ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, FAST_GELU: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
@@ -106,6 +106,11 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
     if GELU:
         y = _gelu_tanh(y, FAST_GELU)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if RESIDUAL:   # the block's residual update: x + gate * y, gate per (sample, channel)
+        if GATED:
+            y = y * tl.load(gate_ptr + (am // rows_per_gate)[:, None] * N + bn[None, :])
+        y = y + tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
     if OUT_Q:
         QMAX: tl.constexpr = 448.0 if FP8_OUT else 127.0
@@ -153,12 +158,16 @@ def _scale_kind(scale: torch.Tensor, rows: int, K: int, what: str, grouped_rows:
 
 def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
           bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16, gelu: bool = False,
-          out: str | None = None, out_bound: tuple[float, float] | None = None, config: dict | None = None):
+          out: str | None = None, out_bound: tuple[float, float] | None = None, residual: torch.Tensor | None = None,
+          gate: torch.Tensor | None = None, config: dict | None = None):
     """a [M, K], b [N, K] (both int8 or both float8_e4m3fn) -> y [M, N] `out_dtype`, or, with `out` = "int8" |
     "fp8", the pair (y_q [M, N], y_scale): quantised per (token, 128 columns), y_scale [M, ceil(N/128)] — or,
     given `out_bound` = (coef, bias_amax) from `output_bound`, per token with y_scale [M] = max(coef *
     a_scale + bias_amax, 0.2) / QMAX, a bound on the row's outputs known before the GEMM (meant for FP8, whose
-    precision is relative: a loose scale costs it nothing; and a_scale must be per token)."""
+    precision is relative: a loose scale costs it nothing; and a_scale must be per token).
+
+    `residual` [M, N] (and `gate` [S, N], S dividing M: row m belongs to sample m // (M / S)) returns the
+    residual update residual + gate * y in residual's dtype, computed in float32 and rounded once."""
     if a.dtype != b.dtype or a.dtype not in DTYPES.values():
         raise ValueError(f"gemm8 takes two int8 or two float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
     M, K = a.shape
@@ -176,6 +185,14 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
             raise ValueError(f"an 8-bit output needs BLOCK_N a multiple of {TILE}")
     if out_bound is not None and (out is None or a_grouped):
         raise ValueError("out_bound needs an 8-bit `out` and per-token activation scales")
+    if residual is not None:
+        if out is not None or residual.shape != (M, N) or residual.stride(-1) != 1:
+            raise ValueError(f"a residual must be a row-major [{M}, {N}] tensor, without an 8-bit `out`")
+        out_dtype = residual.dtype
+    if gate is not None:
+        if residual is None or gate.dim() != 2 or gate.shape[1] != N or M % gate.shape[0]:
+            raise ValueError(f"gate must be [samples, {N}] with samples dividing {M}, beside a residual")
+        gate = gate.float().contiguous()
     a, b = a.contiguous(), b.contiguous()
     a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
     c = torch.empty((M, N), dtype=DTYPES[out] if out else out_dtype, device=a.device)
@@ -185,14 +202,18 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     if M and N:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         args = dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=a_scale, bs_ptr=b_scale,
-                    bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs, M=M, N=N, K=K,
-                    stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=c.stride(0),
+                    bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs,
+                    res_ptr=residual if residual is not None else c, gate_ptr=gate if gate is not None else a_scale,
+                    M=M, N=N, K=K, stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=c.stride(0),
                     stride_asm=a_scale.stride(0), stride_bsn=b_scale.stride(0), stride_csm=cs.stride(0),
+                    stride_rm=residual.stride(0) if residual is not None else c.stride(0),
+                    rows_per_gate=M // gate.shape[0] if gate is not None else M,
                     bound_coef=float(coef), bound_bias=float(bias_amax))
         launch_options = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
         constexprs = dict(FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
                           HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
-                          ROW_BOUND=out_bound is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+                          ROW_BOUND=out_bound is not None, RESIDUAL=residual is not None, GATED=gate is not None,
+                          EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
         if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
                 grid, args, constexprs, launch_options)):
@@ -234,7 +255,7 @@ def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None,
-              out_bound=None):
+              out_bound=None, residual=None, gate=None):
     """Plain-torch `gemm8`: the same scales, the same order of float32 operations, products exact."""
     M, K = a.shape
     N = b.shape[0]
@@ -260,6 +281,10 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
         acc = acc + bias.float()
     if gelu:
         acc = gelu_tanh_ref(acc)
+    if residual is not None:
+        if gate is not None:
+            acc = acc * gate.float().repeat_interleave(M // gate.shape[0], dim=0)
+        return (acc + residual.float()).to(residual.dtype)
     if out and out_bound is not None:
         bound = (out_bound[0] * a_scale.float() + out_bound[1]).clamp_min(0.2)
         return round_to_format(acc * (bound.new_tensor(QMAX[out]) / bound)[:, None], out), bound / QMAX[out]

@@ -20,7 +20,8 @@ def test_ffn_in_token_slices_equals_whole(monkeypatch):
     from turbo_repl.models import linear
 
     original = linear.feed_forward
-    monkeypatch.setattr(linear, "feed_forward", lambda ffn, h: calls.append(h.shape[1]) or original(ffn, h))
+    monkeypatch.setattr(linear, "feed_forward",
+                        lambda ffn, h, *update: calls.append(h.shape[1]) or original(ffn, h, *update))
     sliced = net(x, t, ctx)
     tokens = 3 * (8 // 2) * (12 // 2)
     assert calls == [50, tokens - 50] * len(net.blocks)

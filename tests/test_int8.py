@@ -88,6 +88,28 @@ def test_gemm_gelu_int8_epilogue():
     assert rel(deq, F.gelu(x @ w.T + b, approximate="tanh")) <= 2e-2
 
 
+@pytest.mark.parametrize("fmt, gated", [("int8", True), ("fp8", True), ("int8", False)])
+def test_gemm_residual_epilogue(fmt, gated):
+    """The block's residual update in the epilogue: x + gate * (a @ w.T + b), a gate per sample and channel."""
+    g = torch.Generator().manual_seed(4)
+    samples, L, N, K = 2, 75, 200, 256                     # 150 rows, ragged against the tiles
+    x = torch.randn(samples * L, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = 0.1 * torch.randn(N, generator=g)
+    residual = torch.randn(samples * L, N, generator=g).to(torch.bfloat16)
+    gate = torch.randn(samples, N, generator=g) if gated else None
+    xq, xs = quantize_rows_ref(x, fmt)
+    wq, ws = quantize_rows_ref(w, fmt)
+    y = gemm8(xq, xs, wq, ws, b, residual=residual, gate=gate, config=SMALL)
+    assert y.dtype == torch.bfloat16 and y.shape == residual.shape
+    assert rel(y, gemm8_ref(xq, xs, wq, ws, b, residual=residual, gate=gate)) <= 4e-3   # bf16 rounding of one sum
+    exact = x @ w.T + b
+    expected = residual.float() + (exact * gate.repeat_interleave(L, 0) if gated else exact)
+    assert rel(y, expected) <= (2e-2 if fmt == "int8" else 4e-2)
+    with pytest.raises(ValueError, match="gate"):
+        gemm8(xq, xs, wq, ws, b, residual=residual, gate=torch.ones(7, N), config=SMALL)
+
+
 def test_gemm_rejects_mismatched_operands():
     a = torch.zeros(4, 128, dtype=torch.int8)
     with pytest.raises(ValueError, match="inner sizes differ"):

@@ -178,3 +178,23 @@ def test_tiny_int8_checkpoint_loads_strictly_and_runs(fixtures_dir):
     out = model(x, t, ctx)
     assert torch.isfinite(out).all()
     assert 1e-4 < rel(out, io["output"]) <= 5e-2              # really int8, and close to the reference
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_residual_update_is_fused_on_the_fast_path_and_equal_to_the_plain_one(fmt):
+    from turbo_repl.models.linear import residual_update
+
+    layer = convert_linears(_Blocks(nn.Sequential(linear(256, 192, 8))), fmt).blocks[0]["ffn"][0]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 30, 256, generator=g)
+    residual = torch.randn(2, 30, 192, generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, 1, 192, generator=g)
+    layer.mode = "triton"
+    fused = residual_update(layer, x, residual, gate)
+    assert layer.input_format == fmt and fused.dtype == torch.bfloat16
+    y = layer(x)
+    plain = residual.float() + y.float() * gate
+    assert rel(fused, plain) <= 4e-3                       # one bf16 rounding apart
+    assert rel(residual_update(layer, x, residual), residual.float() + y.float()) <= 4e-3
+    layer.mode = "reference"                               # off the fast path: the reference's own expression
+    assert torch.equal(residual_update(layer, x, residual, gate), residual + layer(x) * gate.to(torch.bfloat16))

@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
                         help="run the DiT eagerly (no graph memory pools: for tight memory budgets)")
     parser.add_argument("--cold", action="store_true",
                         help="evict the checkpoint file from the OS page cache before timing its load")
+    parser.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                        help="also list the N kernels that take the most device time in a DiT forward")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
 
 
@@ -99,8 +101,9 @@ def _classify(kernel_name: str) -> str:
     return "other (elementwise, copies, casts)"
 
 
-def _component_split(forward, device) -> dict[str, float]:
-    """Device time of one DiT forward by component, from the profiler's kernel list (ms)."""
+def _component_split(forward, device, top: int = 0) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Device time of one DiT forward by component, from the profiler's kernel list (ms), and the `top` kernels
+    by device time as (name, ms, calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
@@ -108,6 +111,7 @@ def _component_split(forward, device) -> dict[str, float]:
         forward()
         _sync(device)
     split: dict[str, float] = {}
+    kernels = []
     for evt in prof.key_averages():
         if device.type == "cuda":
             us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
@@ -118,7 +122,8 @@ def _component_split(forward, device) -> dict[str, float]:
         if us:
             key = _classify(evt.key)
             split[key] = split.get(key, 0.0) + us / 1000
-    return split
+            kernels.append((evt.key, us / 1000, evt.count))
+    return split, sorted(kernels, key=lambda k: -k[1])[:top]
 
 
 def run(args) -> int:
@@ -241,8 +246,11 @@ def _bench(args, model: str, device: torch.device, settings) -> int:
     fwd_ms = _median_ms(forward, device, args.repeat)
     report.add("DiT forward", fwd_ms)
     if "components" not in args.skip:
-        for component, ms in sorted(_component_split(forward, device).items()):
+        split, kernels = _component_split(forward, device, args.top_kernels)
+        for component, ms in sorted(split.items()):
             report.add(f"DiT forward: {component}", ms, note="device time from the profiler")
+        for name, ms, calls in kernels:
+            report.add(f"kernel {name[:60]}", ms, note=f"{calls} calls, {_classify(name)}")
 
     if "baseline" not in args.skip:
         from turbo_repl.models.attention import configure_attention

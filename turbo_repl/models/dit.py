@@ -155,13 +155,14 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.attn_op = AttentionOp(self.head_dim, sparse)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, dim], or the (x_q, scale) pair a fused norm made for 8-bit q/k/v."""
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], residual=None, gate=None) -> torch.Tensor:
+        """x [B, L, dim], or the (x_q, scale) pair a fused norm made for 8-bit q/k/v; with `residual` (and
+        `gate`), the block's update residual + output * gate."""
         B, L = _tokens(x).shape[:2]
         q = rmsnorm_rope(self.q(x), self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)
         k = rmsnorm_rope(self.k(x), self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
-        return self.o(self.attn_op(q, k, v).reshape(B, L, -1))
+        return residual_update(self.o, self.attn_op(q, k, v).reshape(B, L, -1), residual, gate)
 
 
 class CrossAttention(nn.Module):
@@ -173,18 +174,25 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, context: torch.Tensor, residual=None) -> torch.Tensor:
         B, L = _tokens(x).shape[:2]
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.norm_k(self.k(context)).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+        return residual_update(self.o, out.transpose(1, 2).reshape(B, L, -1), residual)
 
 
 # --------------------------------------------------------------------------------------------- blocks
 
 FFN_CHUNK_BYTES = 1 << 30   # hidden FFN activations larger than this are computed a slice of tokens at a time
+
+
+def residual_update(linear: nn.Module, x, residual, gate=None):
+    """residual + linear(x) * gate, fused into the GEMM on the 8-bit fast path (see models.linear)."""
+    from turbo_repl.models.linear import residual_update as update   # (imports Triton: only when a block runs)
+
+    return update(linear, x, residual, gate)
 
 
 def _tokens(x) -> torch.Tensor:
@@ -212,22 +220,25 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         # With 8-bit linears on the GPU each norm emits its output already quantised (no extra pass).
         h = modulated_layernorm(x, shift_sa, scale_sa, self.eps, _input_format(self.self_attn.q))
-        x = x + self.self_attn(h, rope) * gate_sa.to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x, _input_format(self.cross_attn.q)), context)
+        # The residual updates x + y * gate run in the epilogues of the 8-bit GEMMs that produce y.
+        x = self.self_attn(h, rope, residual=x, gate=gate_sa)
+        x = self.cross_attn(self.norm3(x, _input_format(self.cross_attn.q)), context, residual=x)
         h = modulated_layernorm(x, shift_ff, scale_ff, self.eps, _input_format(self.ffn[0]))
-        return x + self.feed_forward(h) * gate_ff.to(x.dtype)
+        return self.feed_forward(h, x, gate_ff)
 
-    def feed_forward(self, h) -> torch.Tensor:
-        """The FFN over slices of tokens when its hidden activations would be large (14B at 720p: 2 GB each for
-        the hidden layer and its GELU in bf16): the same result with a fraction of the peak memory."""
+    def feed_forward(self, h, residual, gate) -> torch.Tensor:
+        """residual + FFN(h) * gate, over slices of tokens when the FFN's hidden activations would be large (14B
+        at 720p: 2 GB each for the hidden layer and its GELU in bf16): the same result with a fraction of the
+        peak memory."""
         from turbo_repl.models.linear import feed_forward
 
         B, L = _tokens(h).shape[:2]
         rows = max(1, FFN_CHUNK_BYTES // (self.ffn[0].out_features * 2 * B))
         if L <= rows:
-            return feed_forward(self.ffn, h)
+            return feed_forward(self.ffn, h, residual, gate)
         parts = zip(*(t.split(rows, dim=1) for t in h)) if isinstance(h, tuple) else h.split(rows, dim=1)
-        return torch.cat([feed_forward(self.ffn, part) for part in parts], dim=1)
+        return torch.cat([feed_forward(self.ffn, part, res, gate)
+                          for part, res in zip(parts, residual.split(rows, dim=1))], dim=1)
 
 
 class Head(nn.Module):

@@ -70,12 +70,15 @@ class Linear8(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
-    def forward(self, x: torch.Tensor | Quantized, *, gelu: bool = False, out: str | None = None):
+    def forward(self, x: torch.Tensor | Quantized, *, gelu: bool = False, out: str | None = None,
+                residual: torch.Tensor | None = None, gate: torch.Tensor | None = None):
         """x [..., in] or (x_q [..., in], x_scale [...] per token or [..., ceil(in/128)] per 128 channels).
 
         Returns [..., out] in x's dtype (the bias's dtype for a pair); `gelu` applies GELU (tanh form) after
         the bias; `out="int8"|"fp8"` returns the result quantised instead, as the next layer's input: int8 per
-        (token, 128 channels), FP8 per token (scale from a bound, see turbo_kernels.gemm8.output_bound)."""
+        (token, 128 channels), FP8 per token (scale from a bound, see turbo_kernels.gemm8.output_bound).
+        `residual` [..., out] (and `gate` [samples, 1, out]) returns residual + gate * result instead, in the
+        residual's dtype: the DiT block's residual update, fused into the GEMM on the fast path."""
         weight, w_scale = self.weight_and_scale()
         if isinstance(x, tuple):
             x_q, x_scale = x
@@ -92,17 +95,25 @@ class Linear8(nn.Module):
                 y = int8_linear_tiles_ref(x2, weight, w_scale, self.bias)
                 if gelu:
                     y = F.gelu(y, approximate="tanh")
+                if residual is not None:
+                    y = y.view(residual.shape).float() * (gate.float() if gate is not None else 1.0)
+                    return (residual.float() + y).to(residual.dtype)
                 return _split(quantize_rows_ref(y, out, group=TILE), lead) if out else y.view(*lead, -1)
             x_q, x_scale = (quantize_rows if self.uses_triton() else quantize_rows_ref)(x2, self.fmt)
-        y = self.matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out)
+        extra = {}
+        if residual is not None:
+            extra["residual"] = residual.reshape(-1, self.out_features)
+            if gate is not None:
+                extra["gate"] = gate.reshape(-1, self.out_features)
+        y = self.matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out, **extra)
         return _split(y, lead) if out else y.view(*lead, self.out_features)
 
-    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):
+    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out, residual=None, gate=None):
         gemm = gemm8 if self.uses_triton() else gemm8_ref
         # an FP8 output from per-token inputs takes per-token scales from a bound (see gemm8); else per 128
         bound = self.output_bound() if out == "fp8" and x_scale.dim() == 1 else None
         return gemm(x_q, x_scale, weight, w_scale, self.bias, out_dtype=out_dtype, gelu=gelu, out=out,
-                    out_bound=bound)
+                    out_bound=bound, residual=residual, gate=gate)
 
     def output_bound(self) -> tuple[float, float]:
         if getattr(self, "_bound", None) is None:   # weights are fixed once loaded: computed once
@@ -188,13 +199,13 @@ class Fp8Linear(Linear8):
         layer.output_bound()
         return layer
 
-    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out):
+    def matmul(self, x_q, x_scale, weight, w_scale, out_dtype, gelu, out, residual=None, gate=None):
         if (self.use_scaled_mm and x_q.is_cuda and not gelu and out is None and x_scale.dim() == 1
-                and out_dtype == torch.bfloat16):
+                and out_dtype == torch.bfloat16 and residual is None):
             bias = self.bias.to(out_dtype) if self.bias is not None else None
             return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
                                     bias=bias, out_dtype=out_dtype)
-        return super().matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out)
+        return super().matmul(x_q, x_scale, weight, w_scale, out_dtype, gelu, out, residual, gate)
 
 
 # --------------------------------------------------------------------------------------------- the swap
@@ -249,18 +260,31 @@ def configure_linears(model: nn.Module, mode: str) -> None:
             m.mode = mode
 
 
-def feed_forward(ffn: nn.Sequential, x: torch.Tensor | Quantized) -> torch.Tensor:
-    """Wan's FFN, `Sequential(Linear, GELU(tanh), Linear)`. With 8-bit layers on the fast path the GELU and the
-    quantisation of the hidden activations (per token and 128 channels) run in the first GEMM's epilogue."""
+def feed_forward(ffn: nn.Sequential, x: torch.Tensor | Quantized, residual: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Wan's FFN, `Sequential(Linear, GELU(tanh), Linear)`, or with `residual` the block's update residual +
+    FFN(x) * gate. With 8-bit layers on the fast path the GELU and the quantisation of the hidden activations run
+    in the first GEMM's epilogue, and the residual update in the second's."""
     first, last = ffn[0], ffn[2]
     if isinstance(first, Linear8) and isinstance(last, Linear8) and last.input_format is not None:
         hidden = first(x, gelu=True, out=last.input_format)
         if hidden[1].dim() == hidden[0].dim() and last.weight_and_scale()[1].dim() == 1:
             hidden = _one_scale_per_token(hidden)
-        return last(hidden)
-    if isinstance(first, Linear8):
-        return last(first(x, gelu=True))
-    return ffn(x)
+        return residual_update(last, hidden, residual, gate)
+    hidden = first(x, gelu=True) if isinstance(first, Linear8) else ffn[1](first(x))
+    return residual_update(last, hidden, residual, gate)
+
+
+def residual_update(linear: nn.Module, x, residual: torch.Tensor | None, gate: torch.Tensor | None = None):
+    """residual + linear(x) * gate (gate [samples, 1, out], float32; none: plain residual + linear(x)), or
+    linear(x) without a residual. Fused into the GEMM's epilogue when `linear` is an 8-bit layer on the fast
+    path (one rounding); otherwise computed as the reference does, in the residual's dtype."""
+    if residual is None:
+        return linear(x)
+    if isinstance(linear, Linear8) and linear.input_format is not None:
+        return linear(x, residual=residual, gate=gate)
+    y = linear(x)
+    return residual + (y * gate.to(residual.dtype) if gate is not None else y)
 
 
 def _one_scale_per_token(pair: Quantized) -> Quantized:
