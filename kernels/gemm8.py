@@ -108,7 +108,12 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if RESIDUAL:   # the block's residual update: x + gate * y, gate per (sample, channel)
         if GATED:
-            y = y * tl.load(gate_ptr + (am // rows_per_gate)[:, None] * N + bn[None, :])
+            sample = am // rows_per_gate
+            first = tl.min(sample, axis=0)
+            if first == tl.max(sample, axis=0):   # the tile lies in one sample: one gate row for all its rows
+                y = y * tl.load(gate_ptr + first * N + bn)[None, :]
+            else:
+                y = y * tl.load(gate_ptr + sample[:, None] * N + bn[None, :])
         y = y + tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask,
                         other=0.0).to(tl.float32)
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
