@@ -34,7 +34,8 @@ def compile_gemm(fp8: bool, cfg: dict, **flags):
     types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*fp32"] + ["i32"] * 11 + ["fp32"] * 2
     sig = dict(zip(names, types))
     const = dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                 FP8_OUT=False, ROW_BOUND=False, RESIDUAL=False, GATED=False, FAST_GELU=True, EVEN_K=True, GROUP_M=8)
+                 FP8_OUT=False, ROW_BOUND=False, RESIDUAL=False, GATED=False, ONE_SAMPLE=False, FAST_GELU=True,
+                 EVEN_K=True, GROUP_M=8)
     const.update(flags)
     const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("GROUP_M", "FAST_GELU")})
     sig.update({k: "constexpr" for k in const})

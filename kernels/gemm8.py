@@ -52,7 +52,8 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
                   rows_per_gate, bound_coef, bound_bias,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
-                  ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, FAST_GELU: tl.constexpr,
+                  ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+                  FAST_GELU: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
@@ -107,13 +108,10 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
         y = _gelu_tanh(y, FAST_GELU)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if RESIDUAL:   # the block's residual update: x + gate * y, gate per (sample, channel)
-        if GATED:
-            sample = am // rows_per_gate
-            first = tl.min(sample, axis=0)
-            if first == tl.max(sample, axis=0):   # the tile lies in one sample: one gate row for all its rows
-                y = y * tl.load(gate_ptr + first * N + bn)[None, :]
-            else:
-                y = y * tl.load(gate_ptr + sample[:, None] * N + bn[None, :])
+        if GATED and ONE_SAMPLE:   # one gate row for every row: a vector load, no gather
+            y = y * tl.load(gate_ptr + bn)[None, :]
+        elif GATED:
+            y = y * tl.load(gate_ptr + (am // rows_per_gate)[:, None] * N + bn[None, :])
         y = y + tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask,
                         other=0.0).to(tl.float32)
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
@@ -218,7 +216,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         constexprs = dict(FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
                           HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
                           ROW_BOUND=out_bound is not None, RESIDUAL=residual is not None, GATED=gate is not None,
-                          EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+                          ONE_SAMPLE=gate is not None and gate.shape[0] == 1, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
         if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
                 grid, args, constexprs, launch_options)):

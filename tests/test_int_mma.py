@@ -31,7 +31,7 @@ def constexprs(M, N, K, fp8):
     cfg = default_config(M, N, K, False, False)
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     return dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=True, GATED=True, FAST_GELU=True,
+                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=True, GATED=True, ONE_SAMPLE=True, FAST_GELU=True,
                 EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg), launch
 
 out = []

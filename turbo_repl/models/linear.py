@@ -275,13 +275,17 @@ def feed_forward(ffn: nn.Sequential, x: torch.Tensor | Quantized, residual: torc
     return residual_update(last, hidden, residual, gate)
 
 
+# The residual update in the GEMM's epilogue; a switch for same-run comparisons (benchmarks).
+FUSE_RESIDUAL = True
+
+
 def residual_update(linear: nn.Module, x, residual: torch.Tensor | None, gate: torch.Tensor | None = None):
     """residual + linear(x) * gate (gate [samples, 1, out], float32; none: plain residual + linear(x)), or
     linear(x) without a residual. Fused into the GEMM's epilogue when `linear` is an 8-bit layer on the fast
     path (one rounding); otherwise computed as the reference does, in the residual's dtype."""
     if residual is None:
         return linear(x)
-    if isinstance(linear, Linear8) and linear.input_format is not None:
+    if FUSE_RESIDUAL and isinstance(linear, Linear8) and linear.input_format is not None:
         return linear(x, residual=residual, gate=gate)
     y = linear(x)
     return residual + (y * gate.to(residual.dtype) if gate is not None else y)
