@@ -46,13 +46,17 @@ def pipelined_int_mma(ttgir: str) -> str:
         if not acc:
             continue
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(indent + "}"))
-        body = lines[i + 1:end]
-        if not any("async_copy_global_to_local" in b for b in body):
-            raise NotPipelinable("the K loop's loads are not multi-buffered")
+        copies = [j for j in range(i + 1, end) if "async_copy_global_to_local" in lines[j]]
+        dots = [j for j in range(i + 1, end) if "ttng.warp_group_dot " in lines[j]]
         waits = [j for j in range(i + 1, end)
                  if "ttng.warp_group_dot_wait" in lines[j] and "pendings = 0" in lines[j]]
-        if len(acc) != 1 or len(waits) != 1:
-            raise NotPipelinable(f"expected one int32 accumulator and one wgmma wait, found {len(acc)}, {len(waits)}")
+        if len(acc) != 1 or len(dots) != 1 or len(waits) != 1:
+            raise NotPipelinable(f"expected one int32 accumulator, product and wait in the K loop, found "
+                                 f"{len(acc)}, {len(dots)}, {len(waits)}")
+        # the edit is safe only if every refill of a shared-memory stage is issued after the wait (then the
+        # stage the pending product reads is not the one being refilled)
+        if not copies or min(copies) < waits[0]:
+            raise NotPipelinable("the K loop's loads are not multi-buffered after the product's wait")
         lines[waits[0]] = lines[waits[0]].replace("pendings = 0", "pendings = 1")
         value, done = f"{result}#{acc[0]}", f"{result}_all_done"
         collect = f"{indent}{done} = ttng.warp_group_dot_wait {value} {{pendings = 0 : i32}} : {carried[acc[0]]}"

@@ -82,3 +82,26 @@ def test_float_accumulators_and_other_gpus_are_left_to_triton():
     fp8_hopper, int8_ada = _compile([(4096, 1536, 1536, True, 90), (4096, 1536, 1536, False, 89)])
     assert "int32" in fp8_hopper["not_pipelinable"]   # FP8 accumulates in float32: Triton pipelines it itself
     assert "sm_90" in int8_ada["not_pipelinable"]
+
+
+LOOP = """\
+    %acc:2 = scf.for %k = %c0 to %n step %c1 iter_args(%a = %cst, %p = %ptrs) -> (tensor<128x256xi32, #mma>, i32)  : i32 {
+{body}
+      scf.yield %w#0, %p2 : tensor<128x256xi32, #mma>, i32
+    }
+    %y = arith.sitofp %acc#0 : tensor<128x256xi32, #mma> to tensor<128x256xf32, #mma>"""
+DOT = "      %d = ttng.warp_group_dot %x, %b, %a {isAsync = true} : ... -> tensor<128x256xi32, #mma>"
+WAIT = "      %w:3 = ttng.warp_group_dot_wait %d, %x, %b {pendings = 0 : i32} : tensor<128x256xi32, #mma>, ..."
+COPY = "      %c = ttg.async_copy_global_to_local %ptr, %buf : ..."
+
+
+def test_the_edit_is_refused_when_a_stage_could_be_refilled_under_a_pending_product():
+    from turbo_kernels.int_mma import NotPipelinable, pipelined_int_mma
+
+    edited = pipelined_int_mma(LOOP.replace("{body}", "\n".join([DOT, WAIT, COPY])))
+    assert "pendings = 1" in edited
+    assert "%acc_all_done = ttng.warp_group_dot_wait %acc#0 {pendings = 0 : i32}" in edited
+    assert "arith.sitofp %acc_all_done" in edited            # the epilogue reads the collected value
+    for body in ([COPY, DOT, WAIT], [DOT, WAIT], [DOT, WAIT, DOT, WAIT, COPY]):
+        with pytest.raises(NotPipelinable):
+            pipelined_int_mma(LOOP.replace("{body}", "\n".join(body)))
