@@ -162,3 +162,18 @@ def test_group_scales_to_row_scales(M, K):
     assert ((q_row.float() * s_row[:, None] - grouped).abs() <= s_row[:, None] * 0.5 + 1e-7).all()
     direct_q, direct_s = quantize_rows_ref(x, "int8")
     assert rel(q_row.float() * s_row[:, None], x) <= 1.5 * rel(direct_q.float() * direct_s[:, None], x)
+
+
+def test_float_weights_go_straight_to_channel_scales_with_one_rounding():
+    from turbo_repl.models.linear import Int8Linear
+
+    g = torch.Generator().manual_seed(12)
+    lin = torch.nn.Linear(384, 200).requires_grad_(False)
+    lin.weight.copy_(torch.randn(200, 384, generator=g) / 384 ** 0.5)
+    direct = Int8Linear.from_linear(lin, channel_scales=True)
+    via_tiles = Int8Linear.from_linear(lin)
+    via_tiles.use_channel_scales()
+    assert direct.scale.shape == via_tiles.scale.shape == (200,)
+    err = lambda layer: rel(layer.int8_weight.float() * layer.scale[:, None], lin.weight)  # noqa: E731
+    assert err(direct) < err(via_tiles)
+    assert torch.equal(direct.int8_weight, quantize_rows_ref(lin.weight, "int8")[0])

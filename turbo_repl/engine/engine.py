@@ -149,8 +149,8 @@ class Components:
         if self.quant == "off" and quant in ("int8", "fp8"):
             from turbo_repl.models.linear import convert_linears
 
-            for net in self.experts:
-                convert_linears(net, quant)
+            for net in self.experts:   # on a GPU int8 goes straight to the per-channel form it runs in
+                convert_linears(net, quant, channel_scales=next(net.parameters()).is_cuda)
         else:
             old = [(net, next(net.parameters()).device) for net in self.experts]
             for net, _ in old:
@@ -214,7 +214,7 @@ def _load_generated(spec: ModelSpec, device, dtype, on_device: bool) -> Componen
             from turbo_repl.models.linear import convert_linears
 
             for net in nets:
-                convert_linears(net, quant)
+                convert_linears(net, quant, channel_scales=device.type == "cuda")
         return nets
 
     kind = "builtin" if spec.builtin else "random"

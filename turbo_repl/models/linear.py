@@ -146,12 +146,13 @@ class Int8Linear(Linear8):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, channel_scales: bool = False) -> "Int8Linear":
         """Quantise `linear`'s weight in 128x128 tiles as TurboDiffusion does (the weight's own values: bf16 for
-        a bf16 checkpoint; a float32 weight is quantised from its float32 values)."""
+        a bf16 checkpoint; a float32 weight is quantised from its float32 values), or directly in the GPU's form,
+        one scale per output channel (one rounding instead of two)."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        layer.int8_weight, layer.scale = quantize_tiles_ref(w)
+        layer.int8_weight, layer.scale = quantize_rows_ref(w, "int8") if channel_scales else quantize_tiles_ref(w)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -230,16 +231,16 @@ def int8_shells(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_linears(model: nn.Module, mode: str) -> nn.Module:
-    """Quantise the quantizable Linears of a loaded model in place: mode "int8" (TurboDiffusion's format) or
-    "fp8" (per-channel e4m3)."""
+def convert_linears(model: nn.Module, mode: str, channel_scales: bool = False) -> nn.Module:
+    """Quantise the quantizable Linears of a loaded model in place: mode "int8" (TurboDiffusion's format, or with
+    `channel_scales` the GPU's per-channel form) or "fp8" (per-channel e4m3)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"quantisation must be one of {', '.join(QUANT_MODES)}, not '{mode}'")
-    cls = Int8Linear if mode == "int8" else Fp8Linear
+    make = (lambda lin: Int8Linear.from_linear(lin, channel_scales)) if mode == "int8" else Fp8Linear.from_linear
     # by name, so each float weight is freed as soon as its layer is replaced (peak: the model plus one layer)
     places = [(parent, attr) for parent, attr, _ in quantizable_linears(model)]
     for parent, attr in places:
-        setattr(parent, attr, cls.from_linear(getattr(parent, attr)))
+        setattr(parent, attr, make(getattr(parent, attr)))
     return model
 
 
