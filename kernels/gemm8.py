@@ -146,7 +146,9 @@ def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool) -> 
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    # wider row groups where a side is narrow (1.3B: K or N = 1536): 1-5% faster there, 6-11% slower at 5120
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=16 if min(N, K) <= 2048 else 8, num_warps=8,
+                num_stages=3)
 
 
 def _scale_kind(scale: torch.Tensor, rows: int, K: int, what: str, grouped_rows: int) -> bool:
