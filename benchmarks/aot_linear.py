@@ -25,17 +25,17 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_gemm(fp8: bool, cfg: dict, **flags):
-    names = ["a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "cs_ptr", "res_ptr", "gate_ptr", "M", "N",
-             "K", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn", "stride_csm", "stride_rm",
+    names = ["a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "cs_ptr", "res_ptr", "gate_ptr", "colsum_ptr",
+             "M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn", "stride_csm", "stride_rm",
              "rows_per_gate"]
     op = "*fp8e4nv" if fp8 else "*i8"
     out = ("*fp8e4nv" if flags.get("FP8_OUT") else "*i8") if flags.get("OUT_Q") else "*bf16"
     names += ["bound_coef", "bound_bias"]
-    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*fp32"] + ["i32"] * 11 + ["fp32"] * 2
+    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*fp32", "*fp32"] + ["i32"] * 11 + ["fp32"] * 2
     sig = dict(zip(names, types))
     const = dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                 FP8_OUT=False, ROW_BOUND=False, RESIDUAL=False, GATED=False, ONE_SAMPLE=False, FAST_GELU=True,
-                 EVEN_K=True, GROUP_M=8)
+                 FP8_OUT=False, ROW_BOUND=False, RESIDUAL=False, GATED=False, ONE_SAMPLE=False, A_GELU_GRID=False,
+                 OUT_GELU_GRID=False, FAST_GELU=True, EVEN_K=True, GROUP_M=8)
     const.update(flags)
     const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("GROUP_M", "FAST_GELU")})
     sig.update({k: "constexpr" for k in const})

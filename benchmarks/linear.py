@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from turbo_kernels.gemm8 import gemm8, gemm8_ref, output_bound  # noqa: E402
+from turbo_kernels.gemm8 import (column_sums, gelu_grid_values, gemm8, gemm8_ref, output_bound,  # noqa: E402
+                                 quantize_gelu_grid_ref)
 from turbo_kernels.norms import layernorm_ref, layernorm_triton, rmsnorm_rope_ref, rmsnorm_rope_triton  # noqa: E402
 from turbo_kernels.quant8 import (int8_to_row_scales, int8_to_row_scales_ref, quantize_rows,  # noqa: E402
                                   quantize_rows_ref, quantize_tiles_ref)
@@ -102,6 +103,7 @@ class Layer:
         self.f8 = quantize_rows_ref(self.w, "fp8")           # e4m3, per output channel
         self.f8t = self.f8[0].t()                            # column-major view for torch._scaled_mm
         self.f8_bound = output_bound(*self.f8, self.b, "fp8")  # per-token FP8 output scales (ffn.0)
+        self.colsum = column_sums(self.pc[0])                # for inputs on the GELU grid (ffn.2, int8)
 
     def weights(self, kind):
         return {"int8-td": self.td, "int8-pc": self.pc, "fp8": self.f8}[kind]
@@ -177,10 +179,12 @@ class Pipelines:
         outs = [lin("q", h1), lin("k", h1), lin("v", h1), lin("o", a_o), lin("cq", h3),
                 lin("ck", a_ctx), lin("cv", a_ctx), lin("co", a_co)]
         bound = {"out_bound": L["f0"].f8_bound} if kind == "fp8" else {}
-        hid = lin("f0", h2, gelu=True, out=fmt, **bound)
-        if kind == "int8-pc":   # as feed_forward does: one scale per token keeps ffn.2 on one accumulator
-            hid = int8_to_row_scales(*hid)
-        return outs, hid, lin("f2", hid)
+        if kind != "int8-pc":
+            hid = lin("f0", h2, gelu=True, out=fmt, **bound)
+            return outs, hid, lin("f2", hid)
+        # as feed_forward does: the GELU grid, then one scale per token (ffn.2 keeps one integer accumulator)
+        hid = int8_to_row_scales(*lin("f0", h2, gelu=True, out=fmt, gelu_grid=True), gelu_grid=True)
+        return outs, hid, lin("f2", hid, a_gelu_grid=True, b_colsum=L["f2"].colsum)
 
     # ---- torch._scaled_mm
     def cublas_fp8(self, norms=False):
@@ -252,13 +256,16 @@ def errors(pl: Pipelines, name: str, rows: int) -> dict:
                               bias=L["f2"].b, out_dtype=torch.bfloat16)
     else:
         outs, hid, _ = sub.ours(name)
-        f0 = deq(hid)
         fmt = "fp8" if name == "fp8" else "int8"
-        hq = quantize_rows(sub.inp["hid"], fmt, group=None if fmt == "fp8" else 128)   # as the pipeline does
-        if name == "int8-pc":
-            hq = int8_to_row_scales(*hq)
         w, ws = L["f2"].weights(name)
-        f2 = gemm8(hq[0], hq[1], w, ws, L["f2"].b)
+        if name == "int8-pc":   # as the pipeline does: the GELU grid, one scale per token
+            f0 = gelu_grid_values(*hid)
+            hq = int8_to_row_scales(*quantize_gelu_grid_ref(sub.inp["hid"].float()), gelu_grid=True)
+            f2 = gemm8(hq[0], hq[1], w, ws, L["f2"].b, a_gelu_grid=True, b_colsum=L["f2"].colsum)
+        else:
+            f0 = deq(hid)
+            hq = quantize_rows(sub.inp["hid"], fmt, group=None if fmt == "fp8" else 128)
+            f2 = gemm8(hq[0], hq[1], w, ws, L["f2"].b)
     return {"q": rel(outs[0], q_ref), "ffn0+gelu": rel(f0, f0_ref), "ffn2": rel(f2, f2_ref)}
 
 

@@ -28,9 +28,12 @@ import triton
 import triton.language as tl
 
 from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
-                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_to_format)
+                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_half_even, round_to_format)
 
 GELU_C = 0.7978845608028654     # sqrt(2 / pi)
+# GELU (tanh form) never goes below -0.16997: int8 GELU outputs are stored on a grid from -GELU_FLOOR upwards,
+# x ~= s * (q + 128) - GELU_FLOOR, twice as fine as a symmetric grid over [-max, max] (`gelu_grid` below)
+GELU_FLOOR = tl.constexpr(0.17)
 
 
 @triton.jit
@@ -47,13 +50,13 @@ def _gelu_tanh(y, FAST: tl.constexpr):
 
 
 @triton.jit
-def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr,
+def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
                   M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm,
                   rows_per_gate, bound_coef, bound_bias,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
                   ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr,
-                  FAST_GELU: tl.constexpr,
+                  A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr, FAST_GELU: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
@@ -98,10 +101,15 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
         b_ptrs += BLOCK_K
 
     y = acc.to(tl.float32)
+    if A_GELU_GRID:   # a = s_a (q + 128) - GELU_FLOOR: add the weights' column sums' share
+        colsum = tl.load(colsum_ptr + bn)
+        y = y + 128.0 * colsum[None, :]
     if not A_GROUPED:
         y = y * tl.load(as_ptr + am)[:, None]
     if not B_BLOCKED:
         y = y * tl.load(bs_ptr + bn)[None, :]
+    if A_GELU_GRID:
+        y = y - (colsum * tl.load(bs_ptr + bn) * GELU_FLOOR)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + bn).to(tl.float32)[None, :]
     if GELU:
@@ -124,13 +132,21 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
                 tl.store(cs_ptr + rm, bound / QMAX, mask=rm < M)
         else:          # one scale per (row, 128 columns)
             G: tl.constexpr = BLOCK_N // 128
-            y = tl.where(rn[None, :] < N, y, 0.0)
-            y3 = tl.reshape(y, (BLOCK_M, G, 128))
-            amax = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-8)
-            q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
+            if OUT_GELU_GRID:   # GELU >= -GELU_FLOOR: the whole int8 range over [-GELU_FLOOR, max]
+                y = tl.where(rn[None, :] < N, tl.maximum(y + GELU_FLOOR, 0.0), 0.0)
+                y3 = tl.reshape(y, (BLOCK_M, G, 128))
+                amax = tl.maximum(tl.max(y3, axis=2), 1e-8)
+                q = tl.minimum(round_half_even(y3 * (255.0 / amax)[:, :, None]) - 128.0, 127.0).to(tl.int8)
+                step = amax / 255.0
+            else:
+                y = tl.where(rn[None, :] < N, y, 0.0)
+                y3 = tl.reshape(y, (BLOCK_M, G, 128))
+                amax = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-8)
+                q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
+                step = amax / QMAX
             tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)), mask=mask)
             g = pid_n * G + tl.arange(0, G)
-            tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], amax / QMAX,
+            tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], step,
                      mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
     else:
         tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
@@ -164,7 +180,8 @@ def _scale_kind(scale: torch.Tensor, rows: int, K: int, what: str, grouped_rows:
 def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
           bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16, gelu: bool = False,
           out: str | None = None, out_bound: tuple[float, float] | None = None, residual: torch.Tensor | None = None,
-          gate: torch.Tensor | None = None, config: dict | None = None):
+          gate: torch.Tensor | None = None, gelu_grid: bool = False, a_gelu_grid: bool = False,
+          b_colsum: torch.Tensor | None = None, config: dict | None = None):
     """a [M, K], b [N, K] (both int8 or both float8_e4m3fn) -> y [M, N] `out_dtype`, or, with `out` = "int8" |
     "fp8", the pair (y_q [M, N], y_scale): quantised per (token, 128 columns), y_scale [M, ceil(N/128)] — or,
     given `out_bound` = (coef, bias_amax) from `output_bound`, per token with y_scale [M] = max(coef *
@@ -172,7 +189,11 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     precision is relative: a loose scale costs it nothing; and a_scale must be per token).
 
     `residual` [M, N] (and `gate` [S, N], S dividing M: row m belongs to sample m // (M / S)) returns the
-    residual update residual + gate * y in residual's dtype, computed in float32 and rounded once."""
+    residual update residual + gate * y in residual's dtype, computed in float32 and rounded once.
+
+    `gelu_grid` (with gelu and out="int8", grouped) stores the GELU output on the grid from -GELU_FLOOR up:
+    y ~= y_scale * (y_q + 128) - GELU_FLOOR. `a_gelu_grid` says a holds such values (per-token scales), and then
+    `b_colsum` [N] must hold the integer column sums of b (`column_sums(b)`)."""
     if a.dtype != b.dtype or a.dtype not in DTYPES.values():
         raise ValueError(f"gemm8 takes two int8 or two float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
     M, K = a.shape
@@ -194,6 +215,10 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         if out is not None or residual.shape != (M, N) or residual.stride(-1) != 1:
             raise ValueError(f"a residual must be a row-major [{M}, {N}] tensor, without an 8-bit `out`")
         out_dtype = residual.dtype
+    if gelu_grid and not (gelu and out == "int8" and out_bound is None):
+        raise ValueError("gelu_grid needs gelu=True and out='int8' (per-group scales)")
+    if a_gelu_grid and (a_grouped or b_blocked or b_colsum is None or b_colsum.shape != (N,)):
+        raise ValueError(f"a_gelu_grid needs per-token and per-channel scales and b_colsum [{N}]")
     if gate is not None:
         if residual is None or gate.dim() != 2 or gate.shape[1] != N or M % gate.shape[0]:
             raise ValueError(f"gate must be [samples, {N}] with samples dividing {M}, beside a residual")
@@ -209,6 +234,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         args = dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=a_scale, bs_ptr=b_scale,
                     bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs,
                     res_ptr=residual if residual is not None else c, gate_ptr=gate if gate is not None else a_scale,
+                    colsum_ptr=b_colsum.float().contiguous() if a_gelu_grid else a_scale,
                     M=M, N=N, K=K, stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=c.stride(0),
                     stride_asm=a_scale.stride(0), stride_bsn=b_scale.stride(0), stride_csm=cs.stride(0),
                     stride_rm=residual.stride(0) if residual is not None else c.stride(0),
@@ -218,7 +244,8 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         constexprs = dict(FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
                           HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
                           ROW_BOUND=out_bound is not None, RESIDUAL=residual is not None, GATED=gate is not None,
-                          ONE_SAMPLE=gate is not None and gate.shape[0] == 1, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+                          ONE_SAMPLE=gate is not None and gate.shape[0] == 1, A_GELU_GRID=a_gelu_grid,
+                          OUT_GELU_GRID=gelu_grid, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
         if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
                 grid, args, constexprs, launch_options)):
@@ -260,7 +287,7 @@ def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None,
-              out_bound=None, residual=None, gate=None):
+              out_bound=None, residual=None, gate=None, gelu_grid=False, a_gelu_grid=False, b_colsum=None):
     """Plain-torch `gemm8`: the same scales, the same order of float32 operations, products exact."""
     M, K = a.shape
     N = b.shape[0]
@@ -278,10 +305,14 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
             acc += part
     else:  # one accumulator over all of K: exact in float64, rounded once (as the int32 accumulator is)
         acc = (a.double() @ b.double().T).float()
+    if a_gelu_grid:
+        acc = acc + 128.0 * b_colsum.float()[None, :]
     if not a_grouped:
         acc = acc * a_scale[:, None].float()
     if not b_blocked:
         acc = acc * b_scale[None, :].float()
+    if a_gelu_grid:
+        acc = acc - (GELU_FLOOR.value * b_colsum.float() * b_scale.float())[None, :]
     if bias is not None:
         acc = acc + bias.float()
     if gelu:
@@ -290,10 +321,36 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
         if gate is not None:
             acc = acc * gate.float().repeat_interleave(M // gate.shape[0], dim=0)
         return (acc + residual.float()).to(residual.dtype)
+    if gelu_grid:
+        return quantize_gelu_grid_ref(acc)
     if out and out_bound is not None:
         bound = (out_bound[0] * a_scale.float() + out_bound[1]).clamp_min(0.2)
         return round_to_format(acc * (bound.new_tensor(QMAX[out]) / bound)[:, None], out), bound / QMAX[out]
     return quantize_rows_ref(acc, out, group=TILE) if out else acc.to(out_dtype)
+
+
+def quantize_gelu_grid_ref(y: torch.Tensor, group: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU outputs y [M, N] -> int8 on the grid from -GELU_FLOOR up, one scale per (row, `group` columns):
+    y ~= scale * (q + 128) - GELU_FLOOR (the epilogue's `gelu_grid`)."""
+    M, N = y.shape
+    groups = -(-N // group)
+    v = torch.nn.functional.pad((y.float() + GELU_FLOOR.value).clamp_min(0.0), (0, groups * group - N))
+    amax = v.unflatten(-1, (groups, group)).amax(-1).clamp_min(1e-8)
+    inv = (amax.new_tensor(255.0) / amax).repeat_interleave(group, -1)
+    q = (torch.round(v * inv) - 128.0).clamp_max(127.0).to(torch.int8)
+    return q[:, :N].contiguous(), amax / 255.0
+
+
+def gelu_grid_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 values of int8 `q` on the GELU grid; `scale` per row [M] or per (row, 128 columns)."""
+    grouped = scale.dim() == q.dim()
+    s = scale.float().repeat_interleave(TILE, -1)[..., : q.shape[-1]] if grouped else scale.float()[..., None]
+    return s * (q.float() + 128.0) - GELU_FLOOR.value
+
+
+def column_sums(b: torch.Tensor) -> torch.Tensor:
+    """The integer row sums of an int8 weight [N, K] (the sums over K of each output channel), float32 [N]."""
+    return b.sum(dim=1, dtype=torch.int32).float()
 
 
 def int8_linear_tiles_trace(x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor,
@@ -315,5 +372,5 @@ def int8_linear_tiles_ref(x: torch.Tensor, int8_weight: torch.Tensor, scale: tor
     return int8_linear_tiles_trace(x, int8_weight, scale, bias)["y"]
 
 
-__all__ = ["gemm8", "gemm8_ref", "output_bound", "int8_linear_tiles_ref", "int8_linear_tiles_trace", "gelu_tanh_ref",
-           "default_config", "FORMATS", "QMAX"]
+__all__ = ["gemm8", "gemm8_ref", "output_bound", "quantize_gelu_grid_ref", "gelu_grid_values", "column_sums",
+           "int8_linear_tiles_ref", "int8_linear_tiles_trace", "gelu_tanh_ref", "default_config", "FORMATS", "QMAX"]

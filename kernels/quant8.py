@@ -153,7 +153,7 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int | None = None) -> tuple[
 
 @triton.jit
 def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride_q, stride_s, stride_out,
-                               BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+                               GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     g = tl.arange(0, BLOCK_G)
@@ -166,16 +166,20 @@ def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride
         ok = row_ok[:, None] & (c < K)
         q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + c, mask=ok, other=0).to(tl.float32)
         ratio = tl.load(s_ptr + rows.to(tl.int64) * stride_s + k, mask=row_ok, other=0.0) / row_scale
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + c, quantize_values(q, ratio[:, None], False),
-                 mask=ok)
+        if GRID:   # values s * (q + 128) - offset: the offset stays, the steps change
+            q = tl.minimum(round_half_even((q + 128.0) * ratio[:, None]) - 128.0, 127.0).to(tl.int8)
+        else:
+            q = quantize_values(q, ratio[:, None], False)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + c, q, mask=ok)
     tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
 
 
-def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values with one scale per (row, 128 columns) -> the same values re-rounded to one scale per row
     (the largest of the row's): (q_row [M, K], scale [M]). For a GEMM that then keeps one integer accumulator
     over all of K; costs one pass over the int8 values and a second rounding (at most half a step of the row
-    scale per value)."""
+    scale per value). `gelu_grid`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid)."""
     M, K = q.shape
     G = group_scale.shape[1]
     if group_scale.shape != (M, triton.cdiv(K, TILE)):
@@ -187,16 +191,19 @@ def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torc
         block_m = 16
         _int8_to_row_scales_kernel[(triton.cdiv(M, block_m),)](
             q, group_scale, out, scale, M, K, G, q.stride(0), group_scale.stride(0), out.stride(0),
-            BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), num_warps=4)
+            GRID=gelu_grid, BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), num_warps=4)
     return out, scale
 
 
 # --------------------------------------------------------------------------------------------- references
 
-def int8_to_row_scales_ref(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_to_row_scales_ref(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch `int8_to_row_scales`: the same float32 arithmetic."""
     scale = group_scale.float().amax(dim=1).clamp_min(1e-30)
     ratio = (group_scale.float() / scale[:, None]).repeat_interleave(TILE, dim=1)[:, : q.shape[1]]
+    if gelu_grid:
+        return (torch.round((q.float() + 128.0) * ratio) - 128.0).clamp_max(127.0).to(torch.int8), scale
     return round_to_format(q.float() * ratio, "int8"), scale
 
 

@@ -177,3 +177,43 @@ def test_float_weights_go_straight_to_channel_scales_with_one_rounding():
     err = lambda layer: rel(layer.int8_weight.float() * layer.scale[:, None], lin.weight)  # noqa: E731
     assert err(direct) < err(via_tiles)
     assert torch.equal(direct.int8_weight, quantize_rows_ref(lin.weight, "int8")[0])
+
+
+def test_gelu_grid_epilogue_and_input():
+    """ffn.0 -> ffn.2 on the GELU grid: the epilogue stores GELU outputs from -0.17 upwards, the next GEMM
+    corrects for the offset with the weights' column sums; each step equals its reference, and the grid's
+    error is about half the symmetric one's."""
+    from turbo_kernels.gemm8 import column_sums, gelu_grid_values
+    from turbo_kernels.quant8 import int8_to_row_scales, int8_to_row_scales_ref
+
+    g = torch.Generator().manual_seed(13)
+    M, K, H = 150, 256, 384
+    x = torch.randn(M, K, generator=g)
+    w0 = torch.randn(H, K, generator=g) / K ** 0.5
+    w2 = torch.randn(K, H, generator=g) / H ** 0.5
+    b0, b2 = 0.1 * torch.randn(H, generator=g), 0.1 * torch.randn(K, generator=g)
+    xq, xs = quantize_rows_ref(x, "int8")
+    (w0q, w0s), (w2q, w2s) = quantize_rows_ref(w0, "int8"), quantize_rows_ref(w2, "int8")
+    hidden = F.gelu(x @ w0.T + b0, approximate="tanh")
+
+    q, s = gemm8(xq, xs, w0q, w0s, b0, gelu=True, out="int8", gelu_grid=True, config=SMALL)
+    qr, sr = gemm8_ref(xq, xs, w0q, w0s, b0, gelu=True, out="int8", gelu_grid=True)
+    assert (q.int() - qr.int()).abs().max() <= 1 and max_rel(s, sr) <= 1e-6
+    # the rounding of the output itself, against the same GEMM + GELU unrounded: about half the symmetric one's
+    exact = gemm8_ref(xq, xs, w0q, w0s, b0, gelu=True, out_dtype=torch.float32)
+    sym_q, sym_s = gemm8(xq, xs, w0q, w0s, b0, gelu=True, out="int8", config=SMALL)
+    assert rel(gelu_grid_values(q, s), exact) < 0.6 * rel(sym_q.float() * sym_s.repeat_interleave(128, -1), exact)
+    assert rel(gelu_grid_values(q, s), hidden) <= 2e-2
+
+    (qt, st), (qtr, str_) = int8_to_row_scales(q, s, gelu_grid=True), int8_to_row_scales_ref(qr, sr, gelu_grid=True)
+    assert (qt.int() - qtr.int()).abs().max() <= 1 and st.shape == (M,)
+    sym_qt, sym_st = int8_to_row_scales(sym_q, sym_s)
+    assert rel(gelu_grid_values(qt, st), exact) < 0.6 * rel(sym_qt.float() * sym_st[:, None], exact)
+
+    colsum = column_sums(w2q)
+    y = gemm8(qt, st, w2q, w2s, b2, out_dtype=torch.float32, a_gelu_grid=True, b_colsum=colsum, config=SMALL)
+    y_ref = gemm8_ref(qt, st, w2q, w2s, b2, out_dtype=torch.float32, a_gelu_grid=True, b_colsum=colsum)
+    assert rel(y, y_ref) <= 1e-5
+    dense = gelu_grid_values(qt, st) @ (w2q.float() * w2s[:, None]).T + b2      # what the grid values mean
+    assert rel(y, dense) <= 1e-5
+    assert rel(y, hidden @ w2.T + b2) <= 2e-2

@@ -23,16 +23,16 @@ def args(M, N, K, operand):
     a, b = torch.zeros(M, K, dtype=operand), torch.zeros(N, K, dtype=operand)
     c = torch.zeros(M, N, dtype=torch.bfloat16)
     return dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=torch.ones(M), bs_ptr=torch.ones(N),
-                bias_ptr=torch.zeros(N, dtype=torch.bfloat16), cs_ptr=c, res_ptr=c, gate_ptr=torch.ones(N), M=M, N=N,
-                K=K, stride_am=K, stride_bn=K, stride_cm=N, stride_asm=1, stride_bsn=1, stride_csm=N, stride_rm=N,
-                rows_per_gate=M, bound_coef=0.0, bound_bias=0.0)
+                bias_ptr=torch.zeros(N, dtype=torch.bfloat16), cs_ptr=c, res_ptr=c, gate_ptr=torch.ones(N),
+                colsum_ptr=torch.ones(N), M=M, N=N, K=K, stride_am=K, stride_bn=K, stride_cm=N, stride_asm=1,
+                stride_bsn=1, stride_csm=N, stride_rm=N, rows_per_gate=M, bound_coef=0.0, bound_bias=0.0)
 
 def constexprs(M, N, K, fp8):
     cfg = default_config(M, N, K, False, False)
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     return dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
-                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=True, GATED=True, ONE_SAMPLE=True, FAST_GELU=True,
-                EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg), launch
+                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=True, GATED=True, ONE_SAMPLE=True, A_GELU_GRID=True,
+                OUT_GELU_GRID=False, FAST_GELU=True, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg), launch
 
 out = []
 for M, N, K, fp8, arch in json.loads(sys.argv[1]):
