@@ -3,6 +3,7 @@
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 from prompt_toolkit.history import InMemoryHistory
@@ -229,8 +230,6 @@ def test_the_shipped_example_session_replays_identically(engine):
     """sessions/example.yaml (made by sessions/example.txt) must still replay bit for bit on the tiny model; if the
     tiny model's numerics changed on purpose, remake it: rm sessions/example.yaml; turbo-repl --model tiny <
     sessions/example.txt."""
-    from pathlib import Path
-
     from turbo_repl.engine.backends import cpu_name
 
     runs = read_session(Path(__file__).resolve().parents[1] / "sessions" / "example.yaml")
@@ -240,3 +239,27 @@ def test_the_shipped_example_session_replays_identically(engine):
     assert len(runs) == 2 and {r["settings"]["ode"] for r in runs} == {True, False}
     session = Session(engine, "tiny", History(Path("/nonexistent/never-written.jsonl")))
     assert [session.replay(run).status for run in runs] == ["identical", "identical"]
+
+
+def test_a_run_cancelled_while_its_mp4s_are_being_encoded_leaves_no_file(repl):
+    """The mp4s are encoded while the VAE decodes; cancelling in the middle of that leaves nothing behind."""
+    import threading
+
+    from turbo_repl.engine.types import Cancelled
+
+    cancel = threading.Event()
+
+    def progress(stage, done, total):
+        if stage == "vae decode" and done == 2:
+            cancel.set()
+
+    repl.session.set("samples", "2")
+    with pytest.raises(Cancelled):
+        repl.session.run("a fox at dusk", progress=progress, cancel=cancel)
+    out = repl.tmp / "out"
+    assert not out.exists() or list(out.iterdir()) == []
+    assert repl.records()[-1]["status"] == "cancelled"
+    record = repl.session.run("a fox at dawn")           # and the next run streams and finishes normally
+    assert record["status"] == "finished" and len(record["outputs"]) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert read_record(Path(record["outputs"][1]))["sample"] == 1

@@ -194,3 +194,11 @@ def test_tiny_config_round_trip_shapes(tiny_vae):
     assert latent.shape == (2, 16, 3, 2, 3)
     out = tiny_vae.decode(latent)
     assert out.shape == video.shape and torch.isfinite(out).all()
+
+
+def test_decode_hands_out_its_frames_in_order_as_it_makes_them(tiny_vae):
+    z = torch.randn(2, 16, 3, 2, 4, generator=torch.Generator().manual_seed(4))
+    chunks = []
+    video = tiny_vae.decode(z, on_frames=lambda frames: chunks.append(frames.clone()))
+    assert [c.shape[2] for c in chunks] == [1, 4, 4]        # the first latent frame makes one video frame
+    assert torch.equal(torch.cat(chunks, dim=2), video)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from turbo_repl.video import VideoError, _ffmetadata, check_writable, frames_digest, load_image, output_paths, \
-    read_frames, read_record, roundtrip, write_mp4
+from turbo_repl.video import Mp4Streams, VideoError, _ffmetadata, check_writable, frames_digest, load_image, \
+    output_paths, read_frames, read_record, roundtrip, write_mp4
 
 
 def smooth_frames(f=9, h=64, w=96, seed=0) -> np.ndarray:
@@ -129,3 +129,47 @@ def test_a_full_disk_is_one_clear_line_and_leaves_no_file(tmp_path):
         write_mp4(smooth_frames(f=3), target, 16, record=RECORD)
     assert str(e.value) == f"cannot write {target}: the disk is full; free some space or :set output to another disk"
     assert not target.exists() and not target.with_suffix(".json").exists()
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_streamed_encoding_gives_the_file_a_whole_write_gives(tmp_path):
+    """Two samples fed in chunks while they are made: the same decoded frames as writing them whole, the record
+    in each file, nothing left behind."""
+    samples = np.stack([smooth_frames(seed=0), smooth_frames(seed=1)])        # [2, 9, 64, 96, 3]
+    paths = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    streams = Mp4Streams(paths, fps=16)
+    for start, stop in ((0, 1), (1, 5), (5, 9)):
+        streams.write(samples[:, start:stop])
+    records = [{**RECORD, "sample": i} for i in range(2)]
+    streams.finish(samples, records)
+    for i, path in enumerate(paths):
+        whole = tmp_path / f"whole-{i}.mp4"
+        write_mp4(samples[i], whole, fps=16)
+        assert np.array_equal(read_frames(path), read_frames(whole))
+        assert read_record(path) == records[i]
+        assert json.loads(path.with_suffix(".json").read_text()) == records[i]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["discarded", "short"])
+def test_a_stream_that_cannot_be_used_falls_back_to_a_whole_write(tmp_path, how):
+    samples = smooth_frames()[None]
+    streams = Mp4Streams([tmp_path / "a.mp4"], fps=16)
+    streams.write(samples[:, :5])
+    if how == "discarded":       # the decode started over in tiles
+        streams.discard()
+        streams.write(samples[:, 5:])
+    streams.finish(samples, [RECORD])
+    assert read_frames(tmp_path / "a.mp4").shape == samples[0].shape
+    assert read_record(tmp_path / "a.mp4") == RECORD
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_aborted_stream_leaves_nothing(tmp_path):
+    streams = Mp4Streams([tmp_path / "a.mp4", tmp_path / "b.mp4"], fps=16)
+    streams.write(np.stack([smooth_frames(f=5)] * 2))
+    streams.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -19,8 +19,8 @@ from typing import Any, Callable
 from turbo_repl.engine.types import Cancelled, Request
 from turbo_repl.history import History, new_run_id, now
 from turbo_repl.settings import Settings, SettingError, lookup
-from turbo_repl.video import VideoError, check_writable, file_digest, frames_digest, load_image, output_paths, \
-    read_frames, roundtrip, write_mp4
+from turbo_repl.video import Mp4Streams, VideoError, check_writable, file_digest, frames_digest, load_image, \
+    output_paths, read_frames, roundtrip
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -93,20 +93,27 @@ class Session:
             paths = output_paths(settings.output, samples=settings.samples, seed=seed, prompt=prompt,
                                  model=self.model, run_id=run_id)
             check_writable(paths[0])
-            video = self.engine.generate(Request(prompt, settings, seed), progress or _quiet, cancel or _NEVER)
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            info = {k: v for k, v in video.info.items() if k != "versions"}   # versions are recorded on their own
-            record.update(frames_sha256=frames_digest(video.frames), frames_shape=list(video.frames.shape),
-                          info=_jsonable(info), outputs=[str(p) for p in paths])
-            timings = dict(video.timings)
-            start = time.perf_counter()
-            if progress:
-                progress("writing", 0, len(paths))
-            for i, path in enumerate(paths):
-                write_mp4(video.frames[i], path, settings.fps, {**record, "status": "finished", "sample": i})
+            # the mp4s are encoded while the VAE decodes; the record goes in when the run is done
+            streams = Mp4Streams(paths, settings.fps)
+            try:
+                video = self.engine.generate(Request(prompt, settings, seed), progress or _quiet,
+                                             cancel or _NEVER, frames_sink=streams)
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                info = {k: v for k, v in video.info.items() if k != "versions"}   # versions: recorded on their own
+                record.update(frames_sha256=frames_digest(video.frames), frames_shape=list(video.frames.shape),
+                              info=_jsonable(info), outputs=[str(p) for p in paths])
+                timings = dict(video.timings)
+                start = time.perf_counter()
                 if progress:
-                    progress("writing", i + 1, len(paths))
+                    progress("writing", 0, len(paths))
+                streams.finish(video.frames, [{**record, "status": "finished", "sample": i}
+                                              for i in range(len(paths))])
+            except BaseException:
+                streams.abort()
+                raise
+            if progress:
+                progress("writing", len(paths), len(paths))
             timings["write"] = time.perf_counter() - start
             record["timings"] = {k: round(v, 4) for k, v in timings.items()}
         except Cancelled:

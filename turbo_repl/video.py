@@ -12,9 +12,11 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import subprocess
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -92,37 +94,172 @@ def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
 
     The file appears complete or not at all: ffmpeg writes a hidden partial file that is renamed at the end.
     """
-    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise VideoError(f"frames must be uint8 [F, H, W, 3], got {array.dtype} {list(array.shape)}")
+    array = _frames_array(frames)
     f, h, w, _ = array.shape
-    if h % 2 or w % 2:
-        raise VideoError(f"H.264 yuv420p needs an even width and height, got {w}×{h}")
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    command = [_ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-               "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-preset", PRESET, "-pix_fmt", "yuv420p",
-               "-crf", str(CRF)]
-    if record is not None:
-        command += ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
-    command += ["-f", "mp4", str(partial)]
+    command = _encode_command(w, h, fps) + _metadata(record) + ["-f", "mp4", str(partial)]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(command, input=np.ascontiguousarray(array).tobytes(), capture_output=True)
-        if result.returncode != 0:
-            reason = result.stderr.decode(errors="replace").strip().splitlines() or ["ffmpeg failed"]
-            if any("No space left" in line for line in reason):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            raise VideoError(f"cannot write {path}: {reason[-1]}")
-        os.replace(partial, path)
-        if record is not None:
-            path.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+        _check_ffmpeg(result.returncode, result.stderr, path)
+        _put_in_place(partial, path, record)
     except OSError as e:
         _remove(partial)
         raise VideoError(_os_message(path, e)) from None
     except VideoError:
         _remove(partial)
         raise
+
+
+class Mp4Stream:
+    """One sample's mp4, encoded while its frames are still being made: chunks of uint8 frames go to ffmpeg from a
+    feeder thread, so the producer never waits on the encoder. `finish(record)` adds the record as metadata (a
+    stream copy, no re-encode) and puts the file in place; `abort()` leaves nothing behind."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int):
+        self.path = Path(path)
+        self.frames = 0
+        self._encoded = self.path.with_name(f".{self.path.name}.stream")
+        if height % 2 or width % 2:
+            raise VideoError(f"H.264 yuv420p needs an even width and height, got {width}×{height}")
+        command = _encode_command(width, height, fps) + ["-f", "mp4", str(self._encoded)]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+        except OSError as e:
+            raise VideoError(_os_message(self.path, e)) from None
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._feeder = threading.Thread(target=self._feed, name="turbo-repl-mp4", daemon=True)
+        self._feeder.start()
+
+    def write(self, frames) -> None:
+        array = _frames_array(frames)
+        self.frames += array.shape[0]
+        self._chunks.put(np.ascontiguousarray(array).tobytes())
+
+    def _feed(self) -> None:
+        try:
+            while (chunk := self._chunks.get()) is not None:
+                self._process.stdin.write(chunk)
+        except OSError:   # ffmpeg stopped early: its exit status and message tell why, in finish()
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+
+    def finish(self, record: dict | None) -> None:
+        self._chunks.put(None)
+        self._feeder.join()
+        stderr = self._process.stderr.read()
+        self._process.wait()
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        try:
+            _check_ffmpeg(self._process.returncode, stderr, self.path)
+            copy = [_ffmpeg(), "-y", "-v", "error", "-i", str(self._encoded), "-map", "0", "-c", "copy"]
+            result = subprocess.run(copy + _metadata(record) + ["-f", "mp4", str(partial)], capture_output=True)
+            _check_ffmpeg(result.returncode, result.stderr, self.path)
+            _put_in_place(partial, self.path, record)
+        except OSError as e:
+            _remove(partial)
+            raise VideoError(_os_message(self.path, e)) from None
+        except VideoError:
+            _remove(partial)
+            raise
+        finally:
+            _remove(self._encoded)
+
+    def abort(self) -> None:
+        self._chunks.put(None)
+        self._process.kill()
+        self._feeder.join()
+        self._process.wait()
+        self._process.stderr.close()
+        _remove(self._encoded)
+
+
+class Mp4Streams:
+    """The mp4s of a run's samples, encoded while the VAE decodes: `write(chunk)` takes uint8 [samples, F, H, W, 3]
+    as frames are made; `discard()` gives up streaming (the files are then written whole by `finish`)."""
+
+    def __init__(self, paths: list[Path], fps: int):
+        self.paths, self.fps = paths, fps
+        self.streams: list[Mp4Stream] | None = None
+        self.discarded = False
+
+    def write(self, chunk) -> None:
+        if self.discarded:
+            return
+        if self.streams is None:
+            _, _, height, width, _ = chunk.shape
+            self.streams = []
+            try:
+                for path in self.paths:
+                    self.streams.append(Mp4Stream(path, width, height, self.fps))
+            except VideoError:
+                self.discard()   # finish() will say what is wrong when it writes the files whole
+                return
+        for stream, frames in zip(self.streams, chunk):
+            stream.write(frames)
+
+    def discard(self) -> None:
+        self.discarded = True
+        self.abort()
+
+    def finish(self, frames, records: list[dict]) -> None:
+        """Put every sample's file in place: the streamed encode when it received all of `frames` [samples, F,
+        H, W, 3], else an encode of `frames` now."""
+        streamed = not self.discarded and self.streams is not None and all(
+            s.frames == frames.shape[1] for s in self.streams)
+        if not streamed:
+            self.abort()
+        for i, (path, record) in enumerate(zip(self.paths, records)):
+            if streamed:
+                self.streams[i].finish(record)
+            else:
+                write_mp4(frames[i], path, self.fps, record)
+        self.streams = None
+
+    def abort(self) -> None:
+        for stream in self.streams or []:
+            stream.abort()
+        self.streams = None
+
+
+def _frames_array(frames) -> np.ndarray:
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise VideoError(f"frames must be uint8 [F, H, W, 3], got {array.dtype} {list(array.shape)}")
+    if array.shape[1] % 2 or array.shape[2] % 2:
+        raise VideoError(f"H.264 yuv420p needs an even width and height, got {array.shape[2]}×{array.shape[1]}")
+    return array
+
+
+def _encode_command(width: int, height: int, fps: int) -> list[str]:
+    return [_ffmpeg(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+            "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-preset", PRESET, "-pix_fmt", "yuv420p",
+            "-crf", str(CRF)]
+
+
+def _metadata(record: dict | None) -> list[str]:
+    if record is None:
+        return []
+    return ["-metadata", "comment=" + json.dumps(record, ensure_ascii=False, separators=(",", ":"))]
+
+
+def _check_ffmpeg(returncode: int, stderr: bytes, path: Path) -> None:
+    if returncode != 0:
+        reason = stderr.decode(errors="replace").strip().splitlines() or ["ffmpeg failed"]
+        if any("No space left" in line for line in reason):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise VideoError(f"cannot write {path}: {reason[-1]}")
+
+
+def _put_in_place(partial: Path, path: Path, record: dict | None) -> None:
+    os.replace(partial, path)
+    if record is not None:
+        path.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
 
 
 def _ffmpeg() -> str:

@@ -97,7 +97,8 @@ class Engine:
             configure_attention(expert, attention, settings.topk)
         return {"attention": attention, "attention_reason": why, "quant": quant}
 
-    def generate(self, request: Request, progress=None, cancel=None) -> Video:
+    def generate(self, request: Request, progress=None, cancel=None, frames_sink=None) -> Video:
+        """One generation; `frames_sink` (see Pipeline.decode) gets the frames while the VAE decodes them."""
         timings: dict[str, float] = {}
         stage_start = {"t": time.perf_counter()}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -118,7 +119,7 @@ class Engine:
         started = time.perf_counter()
         try:
             backends = self.configure(request.settings)
-            frames = self.pipeline(job, checkpoint).cpu()
+            frames = self.pipeline(job, checkpoint, frames_sink).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             advice = "fewer frames or a lower resolution" + (

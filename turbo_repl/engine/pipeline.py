@@ -179,23 +179,33 @@ class Pipeline:
                               on_step=lambda done, total: checkpoint("denoise", done, total))
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, checkpoint: Checkpoint) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, checkpoint: Checkpoint, frames_sink=None) -> torch.Tensor:
         """Whole frames when they fit; when the GPU runs out of memory, again in spatial tiles (far less memory,
-        slightly slower, and within a small blend error of the whole-frame decode at the seams)."""
+        slightly slower, and within a small blend error of the whole-frame decode at the seams).
+
+        `frames_sink.write(chunk)` gets each latent frame's video frames as they are decoded (uint8 [N, F, H, W,
+        3], on the CPU), for an encoder that runs meanwhile; `frames_sink.discard()` when the decode starts over
+        in tiles (which makes no frames in order)."""
         def report(done, total):
             checkpoint("vae decode", done, total)
 
+        def emit(frames):
+            frames_sink.write(frames_to_uint8(frames).cpu())
+
         checkpoint("vae decode", 0, latent.shape[2])
         try:
-            video = self.vae.decode(latent.to(self.vae_dtype), on_chunk=report)
+            video = self.vae.decode(latent.to(self.vae_dtype), on_chunk=report,
+                                    on_frames=emit if frames_sink is not None else None)
             self.last_decode_tiled = False
         except torch.cuda.OutOfMemoryError:
+            if frames_sink is not None:
+                frames_sink.discard()
             torch.cuda.empty_cache()
             video = self.vae.decode(latent.to(self.vae_dtype), on_chunk=report, tile=VAE_TILE)
             self.last_decode_tiled = True
         return frames_to_uint8(video)
 
-    def __call__(self, job: Job, checkpoint: Checkpoint) -> torch.Tensor:
-        return self.decode(self.latents(job, checkpoint), checkpoint)
+    def __call__(self, job: Job, checkpoint: Checkpoint, frames_sink=None) -> torch.Tensor:
+        return self.decode(self.latents(job, checkpoint), checkpoint, frames_sink)
 
 

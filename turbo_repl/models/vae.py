@@ -409,7 +409,8 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     @_cudnn_autotune()
     def decode(self, latent: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None,
-               tile: tuple[int, int] | None = None, tile_overlap: int = 8) -> torch.Tensor:
+               tile: tuple[int, int] | None = None, tile_overlap: int = 8,
+               on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """latent [B,16,T,h,w] (normalised) -> video [B,3,1+4(T-1),8h,8w], roughly in [-1,1].
 
         `on_chunk(done, total)` is called after every decoded latent frame (of every tile); it may raise to
@@ -418,7 +419,8 @@ class WanVAE(nn.Module):
         frames. The latent-resolution trunk (with its whole-frame attention) is never tiled, so tiles differ
         from the untiled result only through the convolutions' limited view across the seams: the middle
         half of each overlap is cross-faded linearly and the quarter nearest each tile edge is not used.
-        `tile=None` (or a tile that covers the latent) is exact.
+        `tile=None` (or a tile that covers the latent) is exact. Untiled, `on_frames(video)` gets each latent
+        frame's video frames [B, 3, F, H, W] as soon as they are decoded, in order.
         """
         if latent.dim() != 5 or latent.shape[1] != self.z_dim:
             raise ValueError(f"latent must be [B, {self.z_dim}, T, H, W], not {list(latent.shape)}")
@@ -437,7 +439,7 @@ class WanVAE(nn.Module):
             feats = self.decoder.trunk(z).split(1, dim=2)
             if len(rows) == len(cols) == 1:
                 out = z.new_empty(out_shape)
-                self._expand_into(out, feats, on_chunk, 0, t)
+                self._expand_into(out, feats, on_chunk, 0, t, on_frames)
                 return out.to(latent.dtype)
             wy, wx = _blend_weights(rows, s, z.device), _blend_weights(cols, s, z.device)
             acc = torch.zeros(out_shape, device=z.device, dtype=torch.float32)
@@ -451,7 +453,8 @@ class WanVAE(nn.Module):
         finally:
             _reset_streams(self.decoder)
 
-    def _expand_into(self, out: torch.Tensor, feats: list[torch.Tensor], on_chunk, done: int, total: int) -> None:
+    def _expand_into(self, out: torch.Tensor, feats: list[torch.Tensor], on_chunk, done: int, total: int,
+                     on_frames=None) -> None:
         """Upsample the trunk features of every latent frame in turn, writing the frames into `out`."""
         _reset_streams(self.decoder.upsamples)
         _reset_streams(self.decoder.head)
@@ -459,6 +462,8 @@ class WanVAE(nn.Module):
         for i, feat in enumerate(feats):
             y = self.decoder.expand(feat)
             out[:, :, f:f + y.shape[2]] = y
+            if on_frames is not None:
+                on_frames(out[:, :, f:f + y.shape[2]])
             f += y.shape[2]
             if on_chunk is not None:
                 on_chunk(done + i + 1, total)
