@@ -10,7 +10,8 @@ def test_bench_reports_every_stage_as_json_lines(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     metrics = {r["metric"]: r for r in rows}
     for name in ("text encoder (new prompt)", "DiT step 1", "DiT step 2", "DiT, 2 steps", "VAE decode",
-                 "mp4 encode", "whole run, prompt to mp4 (new prompt)", "DiT forward",
+                 "mp4 encode, on its own", "whole run, prompt to mp4 (prompt cached)",
+                 "whole run, prompt to mp4 (new prompt)", "DiT forward",
                  "baseline DiT forward (dense attention, unquantised linears)", "original Wan recipe (50 steps x CFG)",
                  "DiT speed-up over the original recipe", "load of the DiT from a local file"):
         assert name in metrics, name

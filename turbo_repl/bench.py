@@ -221,15 +221,23 @@ def _bench(args, model: str, device: torch.device, settings) -> int:
     report.add("VAE decode", statistics.median(r.timings["vae decode"] * 1000 for r in runs))
 
     if "mp4" not in args.skip:
-        from turbo_repl.video import write_mp4
+        from turbo_repl.video import Mp4Streams, write_mp4
 
         with tempfile.TemporaryDirectory() as tmp:
             frames = runs[-1].frames[0]
             mp4_ms = _median_ms(lambda: write_mp4(frames, Path(tmp) / "bench.mp4", settings.fps),
                                 torch.device("cpu"), args.repeat)
-        report.add("mp4 encode", mp4_ms)
-        whole = statistics.median(r.timings["total"] * 1000 for r in runs) + mp4_ms
-        report.add("whole run, prompt to mp4 (prompt cached)", whole)
+            report.add("mp4 encode, on its own", mp4_ms)
+            made = iter(range(1_000_000))
+
+            def prompt_to_mp4():   # as a run of the REPL: the mp4s are encoded while the VAE decodes
+                paths = [Path(tmp) / f"run-{next(made)}.mp4" for _ in range(job.samples)]
+                streams = Mp4Streams(paths, settings.fps)
+                video = engine.generate(request, frames_sink=streams)
+                streams.finish(video.frames, [None] * job.samples)
+
+            whole = _median_ms(prompt_to_mp4, device, args.repeat)
+        report.add("whole run, prompt to mp4 (prompt cached)", whole, note="encoding overlaps the VAE decode")
         if args.text_encoder == "gpu":
             report.add("whole run, prompt to mp4 (new prompt)", whole + text_ms)
 
