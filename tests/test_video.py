@@ -173,3 +173,16 @@ def test_an_aborted_stream_leaves_nothing(tmp_path):
     streams.write(np.stack([smooth_frames(f=5)] * 2))
     streams.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_streaming_is_one_clear_line_and_leaves_no_file(tmp_path):
+    target = tmp_path / "clip.mp4"
+    (tmp_path / ".clip.mp4.stream").symlink_to("/dev/full")   # the streamed encode's writes fail: ENOSPC
+    frames = smooth_frames(f=5)[None]
+    streams = Mp4Streams([target], fps=16)
+    streams.write(frames)
+    with pytest.raises(VideoError) as e:
+        streams.finish(frames, [RECORD])
+    assert str(e.value) == f"cannot write {target}: the disk is full; free some space or :set output to another disk"
+    assert not target.exists() and not target.with_suffix(".json").exists()
+    assert _leftovers(tmp_path) == []
