@@ -25,9 +25,9 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_gemm(fp8: bool, cfg: dict, **flags):
-    names = ["a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "cs_ptr", "res_ptr", "gate_ptr", "colsum_ptr",
-             "M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn", "stride_csm", "stride_rm",
-             "rows_per_gate"]
+    names = ["a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "cs_ptr", "res_ptr", "gate_ptr",
+             "colsum_ptr", "M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn",
+             "stride_csm", "stride_rm", "rows_per_gate"]
     op = "*fp8e4nv" if fp8 else "*i8"
     out = ("*fp8e4nv" if flags.get("FP8_OUT") else "*i8") if flags.get("OUT_Q") else "*bf16"
     names += ["bound_coef", "bound_bias"]
@@ -39,7 +39,8 @@ def compile_gemm(fp8: bool, cfg: dict, **flags):
     const.update(flags)
     const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("GROUP_M", "FAST_GELU")})
     sig.update({k: "constexpr" for k in const})
-    aligned = [i for i, n in enumerate(names) if n not in ("M", "stride_asm", "stride_csm", "rows_per_gate", "bound_coef", "bound_bias")]
+    unaligned = ("M", "stride_asm", "stride_csm", "rows_per_gate", "bound_coef", "bound_bias")
+    aligned = [i for i, n in enumerate(names) if n not in unaligned]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn=_gemm8_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -17,7 +17,8 @@ import json, re, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from turbo_kernels.gemm8 import _gemm8_kernel, default_config
-from turbo_kernels.int_mma import NotPipelinable, _arg_type, _divisible, compile_pipelined, compile_plain, pipelined_int_mma
+from turbo_kernels.int_mma import (NotPipelinable, _arg_type, _divisible, compile_pipelined, compile_plain,
+                                   pipelined_int_mma)
 
 def args(M, N, K, operand):
     a, b = torch.zeros(M, K, dtype=operand), torch.zeros(N, K, dtype=operand)
