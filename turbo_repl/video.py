@@ -99,17 +99,11 @@ def write_mp4(frames, path: Path, fps: int, record: dict | None = None) -> None:
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     command = _encode_command(w, h, fps) + _metadata(record) + ["-f", "mp4", str(partial)]
-    try:
+    with _cleaned_up_on_error(partial, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(command, input=np.ascontiguousarray(array).tobytes(), capture_output=True)
         _check_ffmpeg(result.returncode, result.stderr, path)
         _put_in_place(partial, path, record)
-    except OSError as e:
-        _remove(partial)
-        raise VideoError(_os_message(path, e)) from None
-    except VideoError:
-        _remove(partial)
-        raise
 
 
 class Mp4Stream:
@@ -156,17 +150,12 @@ class Mp4Stream:
         self._process.wait()
         partial = self.path.with_name(f".{self.path.name}.partial")
         try:
-            _check_ffmpeg(self._process.returncode, stderr, self.path)
-            copy = [_ffmpeg(), "-y", "-v", "error", "-i", str(self._encoded), "-map", "0", "-c", "copy"]
-            result = subprocess.run(copy + _metadata(record) + ["-f", "mp4", str(partial)], capture_output=True)
-            _check_ffmpeg(result.returncode, result.stderr, self.path)
-            _put_in_place(partial, self.path, record)
-        except OSError as e:
-            _remove(partial)
-            raise VideoError(_os_message(self.path, e)) from None
-        except VideoError:
-            _remove(partial)
-            raise
+            with _cleaned_up_on_error(partial, self.path):
+                _check_ffmpeg(self._process.returncode, stderr, self.path)
+                copy = [_ffmpeg(), "-y", "-v", "error", "-i", str(self._encoded), "-map", "0", "-c", "copy"]
+                result = subprocess.run(copy + _metadata(record) + ["-f", "mp4", str(partial)], capture_output=True)
+                _check_ffmpeg(result.returncode, result.stderr, self.path)
+                _put_in_place(partial, self.path, record)
         finally:
             _remove(self._encoded)
 
@@ -254,6 +243,19 @@ def _check_ffmpeg(returncode: int, stderr: bytes, path: Path) -> None:
         if any("No space left" in line for line in reason):
             raise OSError(errno.ENOSPC, "No space left on device")
         raise VideoError(f"cannot write {path}: {reason[-1]}")
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_error(partial: Path, path: Path):
+    """Remove the partial file of `path` if writing it fails; an OSError becomes the one-line VideoError."""
+    try:
+        yield
+    except OSError as e:
+        _remove(partial)
+        raise VideoError(_os_message(path, e)) from None
+    except VideoError:
+        _remove(partial)
+        raise
 
 
 def _put_in_place(partial: Path, path: Path, record: dict | None) -> None:

@@ -192,7 +192,7 @@ class Int8Linear(Linear8):
         for rows in torch.split(torch.arange(self.out_features, device=weight.device), 4096):  # bounded temporaries
             weight[rows] = self.int8_weight[rows].float() * tiles[rows]
         self.int8_weight, self.scale = quantize_rows_ref(weight, "int8")
-        self._bound = None
+        self._bound = self._colsum = None   # derived from the old weight
 
 
 class Fp8Linear(Linear8):
