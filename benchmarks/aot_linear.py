@@ -26,17 +26,16 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 def compile_gemm(fp8: bool, cfg: dict, **flags):
     names = ["a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "cs_ptr", "res_ptr", "gate_ptr",
-             "colsum_ptr", "count_ptr", "rs_ptr", "M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_asm",
-             "stride_bsn", "stride_csm", "stride_rm", "rows_per_gate"]
+             "colsum_ptr", "M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn",
+             "stride_csm", "stride_rm", "rows_per_gate"]
     op = "*fp8e4nv" if fp8 else "*i8"
     out = ("*fp8e4nv" if flags.get("FP8_OUT") else "*i8") if flags.get("OUT_Q") else "*bf16"
     names += ["bound_coef", "bound_bias"]
-    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*fp32", "*fp32", "*i32", "*fp32"]
-    types += ["i32"] * 11 + ["fp32"] * 2
+    types = [op, op, out, "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*fp32", "*fp32"] + ["i32"] * 11 + ["fp32"] * 2
     sig = dict(zip(names, types))
     const = dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
                  FP8_OUT=False, ROW_BOUND=False, RESIDUAL=False, GATED=False, ONE_SAMPLE=False, A_GELU_GRID=False,
-                 OUT_GELU_GRID=False, FAST_GELU=True, ROW_SCALES=False, EVEN_K=True, GROUP_M=8)
+                 OUT_GELU_GRID=False, FAST_GELU=True, EVEN_K=True, GROUP_M=8)
     const.update(flags)
     const.update({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("GROUP_M", "FAST_GELU")})
     sig.update({k: "constexpr" for k in const})
@@ -73,8 +72,6 @@ def variants():
         "int8 td a-grouped": (False, "per_k", dict(B_BLOCKED=True, A_GROUPED=True)),
         "int8 pc": (False, "coarse", {}),
         "int8 pc gelu->int8": (False, "coarse", dict(GELU=True, OUT_Q=True)),
-        "int8 pc gelu->int8 grid, rows": (False, "coarse", dict(GELU=True, OUT_Q=True, OUT_GELU_GRID=True,
-                                                                ROW_SCALES=True)),
         "int8 pc a-grouped": (False, "per_k", dict(A_GROUPED=True)),
         "fp8": (True, "coarse", {}),
         "fp8 gelu->fp8": (True, "coarse", dict(GELU=True, OUT_Q=True, FP8_OUT=True)),

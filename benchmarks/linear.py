@@ -157,7 +157,7 @@ class Pipelines:
         return outs, f0, lin("f2", hid)
 
     # ---- ours (int8-td, int8-pc, fp8)
-    def ours(self, kind, norms=False, row_pass=False):
+    def ours(self, kind, norms=False):
         L, i = self.L, self.inp
         fmt = "fp8" if kind == "fp8" else "int8"
         q = lambda a: quantize_rows(a, fmt)  # noqa: E731
@@ -182,12 +182,8 @@ class Pipelines:
         if kind != "int8-pc":
             hid = lin("f0", h2, gelu=True, out=fmt, **bound)
             return outs, hid, lin("f2", hid)
-        # as feed_forward does: the GELU grid with one scale per token (ffn.2 keeps one integer accumulator),
-        # regrouped in ffn.0's epilogue (row_pass: by a separate pass, as before)
-        if row_pass:
-            hid = int8_to_row_scales(*lin("f0", h2, gelu=True, out=fmt, gelu_grid=True), gelu_grid=True)
-        else:
-            hid = lin("f0", h2, gelu=True, out=fmt, gelu_grid=True, row_scales=True)
+        # as feed_forward does: the GELU grid, then one scale per token (ffn.2 keeps one integer accumulator)
+        hid = int8_to_row_scales(*lin("f0", h2, gelu=True, out=fmt, gelu_grid=True), gelu_grid=True)
         return outs, hid, lin("f2", hid, a_gelu_grid=True, b_colsum=L["f2"].colsum)
 
     # ---- torch._scaled_mm
@@ -350,12 +346,6 @@ def check_pipelined_int8(device):
             res[f"{tag} == plain launch"] = float(all(torch.equal(p, q) for p, q in zip(
                 y if kw else [y], y_plain if kw else [y_plain])))
             res[f"{tag} rel vs ref"] = rel(deq(y), deq(y_ref)) if kw else rel(y, y_ref)
-        # one scale per token from ffn.0's epilogue: equal to the per-group output + the separate pass
-        kw = dict(gelu=True, out="int8", gelu_grid=True)
-        fused = gemm8(xq, xs, wq, ws, b, row_scales=True, **kw)
-        two = int8_to_row_scales(*gemm8(xq, xs, wq, ws, b, **kw), gelu_grid=True)
-        res[f"gemm int8 {M}x{K}->{N} row scales in epilogue == separate pass"] = float(
-            torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1]))
     return res
 
 
@@ -481,7 +471,6 @@ def run_model(name, device, configs, smoke, log, modules=False):
         "int8-td": lambda: pl.ours("int8-td"), "int8-td fused": lambda: pl.ours("int8-td", norms=True),
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
         "int8-pc unpipelined": unpipelined(lambda: pl.ours("int8-pc")),
-        "int8-pc fused, row pass": lambda: pl.ours("int8-pc", norms=True, row_pass=True),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
@@ -490,8 +479,7 @@ def run_model(name, device, configs, smoke, log, modules=False):
         from turbo_repl.models.linear import Fp8Linear, Int8Linear
 
         runs = {k: v for k, v in runs.items()
-                if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc fused, row pass",
-                                                 "int8-pc unpipelined", "fp8 fused")}
+                if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused")}
         runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
         runs["Int8Linear modules, per channel"] = ModulePipeline(pl, Int8Linear, channel_scales=True)
         runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
-                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_half_even, round_to_format,
-                     int8_to_row_scales_ref, rows_to_one_scale)
+                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_half_even, round_to_format)
 
 GELU_C = 0.7978845608028654     # sqrt(2 / pi)
 # GELU (tanh form) never goes below -0.16997: int8 GELU outputs are stored on a grid from -GELU_FLOOR upwards,
@@ -52,14 +51,14 @@ def _gelu_tanh(y, FAST: tl.constexpr):
 
 @triton.jit
 def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
-                  count_ptr, rs_ptr, M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm,
-                  stride_rm, rows_per_gate, bound_coef, bound_bias,
+                  M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm,
+                  rows_per_gate, bound_coef, bound_bias,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
                   ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr,
                   A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr, FAST_GELU: tl.constexpr,
-                  ROW_SCALES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -149,12 +148,6 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
             g = pid_n * G + tl.arange(0, G)
             tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], step,
                      mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
-            if ROW_SCALES:   # the last tile of a row band to finish re-rounds the band to one scale per row
-                tl.debug_barrier()      # every thread's stores before the release below
-                done = tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
-                if done == grid_n - 1:  # the band's other tiles are in L2 by now: read them there (.cg)
-                    rows_to_one_scale(c_ptr, cs_ptr, c_ptr, rs_ptr, rm, M, N, stride_cm, stride_csm, stride_cm,
-                                      OUT_GELU_GRID, 4, ".cg")
     else:
         tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
 
@@ -188,7 +181,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
           bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16, gelu: bool = False,
           out: str | None = None, out_bound: tuple[float, float] | None = None, residual: torch.Tensor | None = None,
           gate: torch.Tensor | None = None, gelu_grid: bool = False, a_gelu_grid: bool = False,
-          b_colsum: torch.Tensor | None = None, row_scales: bool = False, config: dict | None = None):
+          b_colsum: torch.Tensor | None = None, config: dict | None = None):
     """a [M, K], b [N, K] (both int8 or both float8_e4m3fn) -> y [M, N] `out_dtype`, or, with `out` = "int8" |
     "fp8", the pair (y_q [M, N], y_scale): quantised per (token, 128 columns), y_scale [M, ceil(N/128)] — or,
     given `out_bound` = (coef, bias_amax) from `output_bound`, per token with y_scale [M] = max(coef *
@@ -200,11 +193,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
 
     `gelu_grid` (with gelu and out="int8", grouped) stores the GELU output on the grid from -GELU_FLOOR up:
     y ~= y_scale * (y_q + 128) - GELU_FLOOR. `a_gelu_grid` says a holds such values (per-token scales), and then
-    `b_colsum` [N] must hold the integer column sums of b (`column_sums(b)`).
-
-    `row_scales` (with out="int8", per-group scales) returns one scale per token instead, y_scale [M]: the last
-    tile of each row band to finish re-rounds the band (`int8_to_row_scales`'s function, while the band is still
-    in L2; no extra pass over memory)."""
+    `b_colsum` [N] must hold the integer column sums of b (`column_sums(b)`)."""
     if a.dtype != b.dtype or a.dtype not in DTYPES.values():
         raise ValueError(f"gemm8 takes two int8 or two float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
     M, K = a.shape
@@ -228,8 +217,6 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         out_dtype = residual.dtype
     if gelu_grid and not (gelu and out == "int8" and out_bound is None):
         raise ValueError("gelu_grid needs gelu=True and out='int8' (per-group scales)")
-    if row_scales and (out != "int8" or out_bound is not None):
-        raise ValueError("row_scales needs out='int8' with per-group scales")
     if a_gelu_grid and (a_grouped or b_blocked or b_colsum is None or b_colsum.shape != (N,)):
         raise ValueError(f"a_gelu_grid needs per-token and per-channel scales and b_colsum [{N}]")
     if gate is not None:
@@ -242,17 +229,12 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     cs_shape = (M,) if out_bound is not None else (M, triton.cdiv(N, TILE))
     cs = torch.empty(cs_shape, dtype=torch.float32, device=a.device) if out else c
     coef, bias_amax = out_bound if out_bound is not None else (0.0, 0.0)
-    grid_m = triton.cdiv(M, cfg["BLOCK_M"])
-    if row_scales:
-        counts = torch.zeros(grid_m, dtype=torch.int32, device=a.device)   # finished tiles per row band
-        rs = torch.empty(M, dtype=torch.float32, device=a.device)
     if M and N:
-        grid = (grid_m * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         args = dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=a_scale, bs_ptr=b_scale,
                     bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs,
                     res_ptr=residual if residual is not None else c, gate_ptr=gate if gate is not None else a_scale,
                     colsum_ptr=b_colsum.float().contiguous() if a_gelu_grid else a_scale,
-                    count_ptr=counts if row_scales else a_scale, rs_ptr=rs if row_scales else a_scale,
                     M=M, N=N, K=K, stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=c.stride(0),
                     stride_asm=a_scale.stride(0), stride_bsn=b_scale.stride(0), stride_csm=cs.stride(0),
                     stride_rm=residual.stride(0) if residual is not None else c.stride(0),
@@ -263,12 +245,12 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
                           HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
                           ROW_BOUND=out_bound is not None, RESIDUAL=residual is not None, GATED=gate is not None,
                           ONE_SAMPLE=gate is not None and gate.shape[0] == 1, A_GELU_GRID=a_gelu_grid,
-                          OUT_GELU_GRID=gelu_grid, ROW_SCALES=row_scales, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+                          OUT_GELU_GRID=gelu_grid, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
         if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
                 grid, args, constexprs, launch_options)):
             _gemm8_kernel[grid](**args, **constexprs, **launch_options)
-    return (c, rs if row_scales else cs) if out else c
+    return (c, cs) if out else c
 
 
 # Keep int8 products in flight on Hopper (kernels/int_mma.py); a switch for same-run comparisons.
@@ -305,8 +287,7 @@ def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, gelu=False, out=None,
-              out_bound=None, residual=None, gate=None, gelu_grid=False, a_gelu_grid=False, b_colsum=None,
-              row_scales=False):
+              out_bound=None, residual=None, gate=None, gelu_grid=False, a_gelu_grid=False, b_colsum=None):
     """Plain-torch `gemm8`: the same scales, the same order of float32 operations, products exact."""
     M, K = a.shape
     N = b.shape[0]
@@ -340,9 +321,8 @@ def gemm8_ref(a, a_scale, b, b_scale, bias=None, *, out_dtype=torch.bfloat16, ge
         if gate is not None:
             acc = acc * gate.float().repeat_interleave(M // gate.shape[0], dim=0)
         return (acc + residual.float()).to(residual.dtype)
-    if gelu_grid or row_scales:
-        pair = quantize_gelu_grid_ref(acc) if gelu_grid else quantize_rows_ref(acc, out, group=TILE)
-        return int8_to_row_scales_ref(*pair, gelu_grid=gelu_grid) if row_scales else pair
+    if gelu_grid:
+        return quantize_gelu_grid_ref(acc)
     if out and out_bound is not None:
         bound = (out_bound[0] * a_scale.float() + out_bound[1]).clamp_min(0.2)
         return round_to_format(acc * (bound.new_tensor(QMAX[out]) / bound)[:, None], out), bound / QMAX[out]

@@ -152,44 +152,26 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int | None = None) -> tuple[
 
 
 @triton.jit
-def rows_to_one_scale(q_ptr, s_ptr, out_ptr, out_s_ptr, rows, M, K, stride_q, stride_s, stride_out,
-                      GRID: tl.constexpr, CHUNK: tl.constexpr, CACHE: tl.constexpr):
-    """Re-round int8 `rows` with one scale per (row, 128 columns) to one scale per row, the largest of the row's
-    (written to out_s_ptr): q' = round(q * s_group / s_row). CHUNK groups per step; CACHE: the loads' cache
-    modifier. `GRID`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid): the offset
-    stays, the steps change."""
-    G = tl.cdiv(K, 128)
-    row_ok = rows < M
-    s_rows = s_ptr + rows.to(tl.int64) * stride_s
-    row_scale = tl.full(rows.shape, 1e-30, tl.float32)
-    g = tl.arange(0, CHUNK)
-    for g0 in range(0, G, CHUNK):
-        scales = tl.load(s_rows[:, None] + g0 + g[None, :], mask=row_ok[:, None] & (g0 + g[None, :] < G),
-                         other=0.0, cache_modifier=CACHE)
-        row_scale = tl.maximum(row_scale, tl.max(scales, axis=1))
-    c = tl.arange(0, 128)
-    for g0 in range(0, G, CHUNK):
-        ok_g = row_ok[:, None] & (g0 + g[None, :] < G)
-        ratio = tl.load(s_rows[:, None] + g0 + g[None, :], mask=ok_g, other=0.0, cache_modifier=CACHE) \
-            / row_scale[:, None]
-        cols = (g0 + g)[None, :, None] * 128 + c[None, None, :]
-        ok = ok_g[:, :, None] & (cols < K)
-        q = tl.load(q_ptr + rows[:, None, None].to(tl.int64) * stride_q + cols, mask=ok, other=0,
-                    cache_modifier=CACHE).to(tl.float32)
-        if GRID:
-            q = tl.minimum(round_half_even((q + 128.0) * ratio[:, :, None]) - 128.0, 127.0).to(tl.int8)
-        else:
-            q = quantize_values(q, ratio[:, :, None], False)
-        tl.store(out_ptr + rows[:, None, None].to(tl.int64) * stride_out + cols, q, mask=ok)
-    tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
-
-
-@triton.jit
-def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, stride_q, stride_s, stride_out,
-                               GRID: tl.constexpr, BLOCK_M: tl.constexpr):
+def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride_q, stride_s, stride_out,
+                               GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_to_one_scale(q_ptr, s_ptr, out_ptr, out_s_ptr, rows, M, K, stride_q, stride_s, stride_out,
-                      GRID, 1, "")
+    row_ok = rows < M
+    g = tl.arange(0, BLOCK_G)
+    s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_s
+    scales = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & (g[None, :] < G), other=0.0)
+    row_scale = tl.maximum(tl.max(scales, axis=1), 1e-30)
+    cols = tl.arange(0, 128)
+    for k in range(0, G):
+        c = k * 128 + cols[None, :]
+        ok = row_ok[:, None] & (c < K)
+        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + c, mask=ok, other=0).to(tl.float32)
+        ratio = tl.load(s_ptr + rows.to(tl.int64) * stride_s + k, mask=row_ok, other=0.0) / row_scale
+        if GRID:   # values s * (q + 128) - offset: the offset stays, the steps change
+            q = tl.minimum(round_half_even((q + 128.0) * ratio[:, None]) - 128.0, 127.0).to(tl.int8)
+        else:
+            q = quantize_values(q, ratio[:, None], False)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + c, q, mask=ok)
+    tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
 
 
 def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False
@@ -199,6 +181,7 @@ def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bo
     over all of K; costs one pass over the int8 values and a second rounding (at most half a step of the row
     scale per value). `gelu_grid`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid)."""
     M, K = q.shape
+    G = group_scale.shape[1]
     if group_scale.shape != (M, triton.cdiv(K, TILE)):
         raise ValueError(f"group scales have shape {tuple(group_scale.shape)}; expected [{M}, {triton.cdiv(K, TILE)}]")
     q, group_scale = q.contiguous(), group_scale.float().contiguous()
@@ -207,8 +190,8 @@ def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bo
     if M:
         block_m = 16
         _int8_to_row_scales_kernel[(triton.cdiv(M, block_m),)](
-            q, group_scale, out, scale, M, K, q.stride(0), group_scale.stride(0), out.stride(0),
-            GRID=gelu_grid, BLOCK_M=block_m, num_warps=4)
+            q, group_scale, out, scale, M, K, G, q.stride(0), group_scale.stride(0), out.stride(0),
+            GRID=gelu_grid, BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), num_warps=4)
     return out, scale
 
 

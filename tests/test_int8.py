@@ -217,26 +217,3 @@ def test_gelu_grid_epilogue_and_input():
     dense = gelu_grid_values(qt, st) @ (w2q.float() * w2s[:, None]).T + b2      # what the grid values mean
     assert rel(y, dense) <= 1e-5
     assert rel(y, hidden @ w2.T + b2) <= 2e-2
-
-
-@pytest.mark.parametrize("gelu_grid", [True, False])
-def test_row_scales_in_the_epilogue_equal_the_separate_pass(gelu_grid):
-    """The last tile of each row band re-rounds the band to one scale per token: the same values as the GEMM's
-    per-group output followed by the separate pass (several row bands, the last one partial; several column
-    tiles per band, the last one partial)."""
-    from turbo_kernels.quant8 import int8_to_row_scales
-
-    g = torch.Generator().manual_seed(17 + gelu_grid)
-    M, K, N = 150, 256, 600
-    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 3
-    w = torch.randn(N, K, generator=g) / K ** 0.5
-    w[:128] *= 4                                            # column groups of different ranges in every row
-    bias = 0.1 * torch.randn(N, generator=g)
-    xq, xs = quantize_rows_ref(x, "int8")
-    wq, ws = quantize_rows_ref(w, "int8")
-    kwargs = dict(gelu=True, out="int8", gelu_grid=gelu_grid, config=SMALL)
-    q_row, s_row = gemm8(xq, xs, wq, ws, bias, row_scales=True, **kwargs)
-    q_two, s_two = int8_to_row_scales(*gemm8(xq, xs, wq, ws, bias, **kwargs), gelu_grid=gelu_grid)
-    assert s_row.shape == (M,) and torch.equal(s_row, s_two) and torch.equal(q_row, q_two)
-    q_ref, s_ref = gemm8_ref(xq, xs, wq, ws, bias, row_scales=True, gelu=True, out="int8", gelu_grid=gelu_grid)
-    assert (q_row.int() - q_ref.int()).abs().max() <= 1 and max_rel(s_row, s_ref) <= 1e-6

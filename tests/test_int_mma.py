@@ -20,37 +20,33 @@ from turbo_kernels.gemm8 import _gemm8_kernel, default_config
 from turbo_kernels.int_mma import (NotPipelinable, _arg_type, _divisible, compile_pipelined, compile_plain,
                                    pipelined_int_mma)
 
-def args(M, N, K, operand, ffn0):
+def args(M, N, K, operand):
     a, b = torch.zeros(M, K, dtype=operand), torch.zeros(N, K, dtype=operand)
-    c = torch.zeros(M, N, dtype=torch.int8 if ffn0 else torch.bfloat16)
-    cs = torch.ones(M, N // 128) if ffn0 else c
+    c = torch.zeros(M, N, dtype=torch.bfloat16)
     return dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=torch.ones(M), bs_ptr=torch.ones(N),
-                bias_ptr=torch.zeros(N, dtype=torch.bfloat16), cs_ptr=cs, res_ptr=c, gate_ptr=torch.ones(N),
-                colsum_ptr=torch.ones(N), count_ptr=torch.zeros(M, dtype=torch.int32), rs_ptr=torch.ones(M),
-                M=M, N=N, K=K, stride_am=K, stride_bn=K, stride_cm=N, stride_asm=1,
+                bias_ptr=torch.zeros(N, dtype=torch.bfloat16), cs_ptr=c, res_ptr=c, gate_ptr=torch.ones(N),
+                colsum_ptr=torch.ones(N), M=M, N=N, K=K, stride_am=K, stride_bn=K, stride_cm=N, stride_asm=1,
                 stride_bsn=1, stride_csm=N, stride_rm=N, rows_per_gate=M, bound_coef=0.0, bound_bias=0.0)
 
-def constexprs(M, N, K, fp8, ffn0):
+def constexprs(M, N, K, fp8):
     cfg = default_config(M, N, K, False, False)
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    # ffn0: GELU into int8 on the GELU grid, one scale per token; otherwise ffn.2 with the residual update
-    return dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=ffn0, OUT_Q=ffn0,
-                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=not ffn0, GATED=not ffn0, ONE_SAMPLE=not ffn0,
-                A_GELU_GRID=not ffn0, OUT_GELU_GRID=ffn0, FAST_GELU=True, ROW_SCALES=ffn0,
-                EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg), launch
+    return dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=False, OUT_Q=False,
+                FP8_OUT=False, ROW_BOUND=False, RESIDUAL=True, GATED=True, ONE_SAMPLE=True, A_GELU_GRID=True,
+                OUT_GELU_GRID=False, FAST_GELU=True, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg), launch
 
 out = []
-for M, N, K, fp8, arch, ffn0 in json.loads(sys.argv[1]):
+for M, N, K, fp8, arch in json.loads(sys.argv[1]):
     operand = torch.float8_e4m3fn if fp8 else torch.int8
-    const, launch = constexprs(M, N, K, fp8, ffn0)
+    const, launch = constexprs(M, N, K, fp8)
     case = {}
     try:
-        kernel = compile_pipelined(_gemm8_kernel, args(M, N, K, operand, ffn0), const,
-                                   target=GPUTarget("cuda", arch, 32), **launch)
+        kernel = compile_pipelined(_gemm8_kernel, args(M, N, K, operand), const, target=GPUTarget("cuda", arch, 32),
+                                   **launch)
         ptx = kernel.asm["ptx"]
         case["waits"] = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
         case["mma"] = ptx.count("wgmma.mma_async")
-        given = args(M, N, K, operand, ffn0)
+        given = args(M, N, K, operand)
         types = {k: _arg_type(v) for k, v in given.items()}
         aligned = tuple(i for i, v in enumerate(given.values()) if _divisible(v))
         plain = compile_plain(_gemm8_kernel, types, aligned, const, target=GPUTarget("cuda", arch, 32),
@@ -75,9 +71,8 @@ def _compile(cases):
 
 
 def test_int8_gemm_keeps_one_product_in_flight_and_only_the_waits_change():
-    # ffn.0 (GELU, int8 out, one scale per token from the epilogue) and two GEMMs with residual updates
-    shapes = [(4096, 8960, 1536, True), (4096, 1536, 1536, False), (300, 1536, 8960, False)]
-    for case in _compile([(M, N, K, False, 90, ffn0) for M, N, K, ffn0 in shapes]):
+    shapes = [(4096, 1536, 1536), (4096, 8960, 1536), (300, 1536, 8960)]
+    for case in _compile([(M, N, K, False, 90) for M, N, K in shapes]):
         assert case["plain_pendings_1"] == 0          # Triton's own choice for an int32 accumulator
         assert case["edited_pendings_1"] == 1         # the loop's wait now leaves one product pending
         assert case["mma"] > 0 and 1 in case["waits"] and case["waits"][-1] == 0   # all collected after the loop
@@ -85,8 +80,7 @@ def test_int8_gemm_keeps_one_product_in_flight_and_only_the_waits_change():
 
 
 def test_float_accumulators_and_other_gpus_are_left_to_triton():
-    fp8_hopper, int8_ada = _compile([(4096, 1536, 1536, True, 90, False),
-                                          (4096, 1536, 1536, False, 89, False)])
+    fp8_hopper, int8_ada = _compile([(4096, 1536, 1536, True, 90), (4096, 1536, 1536, False, 89)])
     assert "int32" in fp8_hopper["not_pipelinable"]   # FP8 accumulates in float32: Triton pipelines it itself
     assert "sm_90" in int8_ada["not_pipelinable"]
 
