@@ -322,9 +322,8 @@ def check_kernels(device, log):
 
 def check_pipelined_int8(device):
     """The int8 GEMM with its products kept in flight (kernels/int_mma.py) at real shapes with ragged M: equal
-    bit for bit to the plain launch (integer sums are exact) and to the float64 reference."""
-    from turbo_kernels import gemm8 as gemm8_module
-
+    bit for bit to the plain launch (integer sums are exact) and to the float64 reference; the persistent form
+    (int8 and FP8) equal bit for bit to one tile per program."""
     if device == "cpu":   # the edit applies to sm_90 GPUs only
         return {}
     g = torch.Generator(device=device).manual_seed(5)
@@ -336,16 +335,21 @@ def check_pipelined_int8(device):
         (xq, xs), (wq, ws) = quantize_rows(x, "int8"), quantize_rows_ref(w, "int8")
         for kw in ({}, {"gelu": True, "out": "int8"}):
             y = gemm8(xq, xs, wq, ws, b, **kw)
-            gemm8_module.PIPELINE_INT8_MMA = False
-            try:
-                y_plain = gemm8(xq, xs, wq, ws, b, **kw)
-            finally:
-                gemm8_module.PIPELINE_INT8_MMA = True
+            y_plain = switched_off("PIPELINE_INT8_MMA", lambda: gemm8(xq, xs, wq, ws, b, **kw))()
             y_ref = gemm8_ref(xq, xs, wq, ws, b, **kw)
             tag = f"gemm int8 pipelined {M}x{K}->{N}{' gelu->int8' if kw else ''}"
             res[f"{tag} == plain launch"] = float(all(torch.equal(p, q) for p, q in zip(
                 y if kw else [y], y_plain if kw else [y_plain])))
             res[f"{tag} rel vs ref"] = rel(deq(y), deq(y_ref)) if kw else rel(y, y_ref)
+            # FP8: the persistent form (where the default tiles choose it) against one tile per program
+            (xf, xfs), (wf, wfs) = quantize_rows(x, "fp8"), quantize_rows_ref(w, "fp8")
+            if kw:
+                kw = dict(gelu=True, out="fp8", out_bound=output_bound(wf, wfs, b, "fp8"))
+            y = gemm8(xf, xfs, wf, wfs, b, **kw)
+            y_tiled = switched_off("PERSISTENT_GEMMS", lambda: gemm8(xf, xfs, wf, wfs, b, **kw))()
+            res[f"gemm fp8 {M}x{K}->{N}{' gelu->fp8' if kw else ''} == one tile per program"] = float(all(
+                torch.equal(p.view(torch.uint8), q.view(torch.uint8)) if p.dtype == torch.float8_e4m3fn
+                else torch.equal(p, q) for p, q in zip(y if kw else [y], y_tiled if kw else [y_tiled])))
     return res
 
 
@@ -444,17 +448,18 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
     return best
 
 
-def unpipelined(fn):
-    """`fn` with the int8 GEMMs launched as Triton compiles them (one product at a time): the same-run baseline
-    of the pipelining edit."""
+def switched_off(switch: str, fn):
+    """`fn` run with one of turbo_kernels.gemm8's switches off (PIPELINE_INT8_MMA: int8 GEMMs as Triton compiles
+    them, one product at a time; PERSISTENT_GEMMS: every GEMM one tile per program, the default tiles before the
+    persistent form): the same-run baselines of those changes."""
     from turbo_kernels import gemm8 as gemm8_module
 
     def run():
-        gemm8_module.PIPELINE_INT8_MMA = False
+        setattr(gemm8_module, switch, False)
         try:
             return fn()
         finally:
-            gemm8_module.PIPELINE_INT8_MMA = True
+            setattr(gemm8_module, switch, True)
     return run
 
 
@@ -470,7 +475,9 @@ def run_model(name, device, configs, smoke, log, modules=False):
         "bf16-norms": lambda: pl.bf16(gelu=True, norms=True),
         "int8-td": lambda: pl.ours("int8-td"), "int8-td fused": lambda: pl.ours("int8-td", norms=True),
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
-        "int8-pc unpipelined": unpipelined(lambda: pl.ours("int8-pc")),
+        "int8-pc unpipelined": switched_off("PIPELINE_INT8_MMA", lambda: pl.ours("int8-pc")),
+        "int8-pc fused, tile/program": switched_off("PERSISTENT_GEMMS", lambda: pl.ours("int8-pc", norms=True)),
+        "fp8 fused, tile/program": switched_off("PERSISTENT_GEMMS", lambda: pl.ours("fp8", norms=True)),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
@@ -479,7 +486,8 @@ def run_model(name, device, configs, smoke, log, modules=False):
         from turbo_repl.models.linear import Fp8Linear, Int8Linear
 
         runs = {k: v for k, v in runs.items()
-                if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused")}
+                if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused",
+                                                 "int8-pc fused, tile/program", "fp8 fused, tile/program")}
         runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
         runs["Int8Linear modules, per channel"] = ModulePipeline(pl, Int8Linear, channel_scales=True)
         runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)

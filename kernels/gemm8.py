@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
                      quantize_rows_ref, quantize_tiles_ref, quantize_values, round_half_even, round_to_format)
@@ -50,56 +51,88 @@ def _gelu_tanh(y, FAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m
+
+
+@triton.jit
 def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
                   M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm,
-                  rows_per_gate, bound_coef, bound_bias,
+                  rows_per_gate, bound_coef, bound_bias, programs, a_desc, b_desc,
                   FP8_IN: tl.constexpr, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr,
                   ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr,
                   A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr, FAST_GELU: tl.constexpr,
-                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
-    # grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)   # rows past M re-read valid rows
-    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + am[:, None].to(tl.int64) * stride_am + rk[None, :]
-    b_ptrs = b_ptr + bn[:, None].to(tl.int64) * stride_bn + rk[None, :]
-
+                  PERSISTENT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     PER_K: tl.constexpr = A_GROUPED or B_BLOCKED
     DOT_T: tl.constexpr = tl.float32 if FP8_IN else tl.int32
     ACC_T: tl.constexpr = tl.float32 if PER_K else DOT_T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
-            b = tl.load(b_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
-        if PER_K:  # BLOCK_K == 128: step k is scale group k
-            part = tl.dot(a, tl.trans(b), out_dtype=DOT_T).to(tl.float32)
-            if A_GROUPED:
-                part = part * tl.load(as_ptr + am * stride_asm + k)[:, None]
-            if B_BLOCKED:
-                part = part * tl.load(bs_ptr + (bn // 128) * stride_bsn + k)[None, :]
-            acc += part
-        else:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=DOT_T)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if PERSISTENT:
+        # one program per SM walks the tiles; the tile loop is flattened into the K loop, so the next tile's
+        # first TMA loads are in flight during this tile's epilogue (coarse scales only)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), programs, flatten=True):
+            pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=DOT_T)
+            _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
+                      M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
+                      bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
+                      ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N)
+    else:
+        pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)   # rows past M re-read valid rows
+        bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + am[:, None].to(tl.int64) * stride_am + rk[None, :]
+        b_ptrs = b_ptr + bn[:, None].to(tl.int64) * stride_bn + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+                b = tl.load(b_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+            if PER_K:  # BLOCK_K == 128: step k is scale group k
+                part = tl.dot(a, tl.trans(b), out_dtype=DOT_T).to(tl.float32)
+                if A_GROUPED:
+                    part = part * tl.load(as_ptr + am * stride_asm + k)[:, None]
+                if B_BLOCKED:
+                    part = part * tl.load(bs_ptr + (bn // 128) * stride_bsn + k)[None, :]
+                acc += part
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=DOT_T)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
+                  M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
+                  bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
+                  ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N)
 
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
+              M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef, bound_bias,
+              A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+              OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr, ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr,
+              GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr, A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr,
+              FAST_GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     y = acc.to(tl.float32)
     if A_GELU_GRID:   # a = s_a (q + 128) - GELU_FLOOR: add the weights' column sums' share
         colsum = tl.load(colsum_ptr + bn)
@@ -128,8 +161,9 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
         if ROW_BOUND:  # one scale per row, from a bound on the row's values known before the GEMM
             bound = tl.maximum(bound_coef * tl.load(as_ptr + am) + bound_bias, 0.2)
             tl.store(c_ptrs, quantize_values(y, (QMAX / bound)[:, None], FP8_OUT), mask=mask)
-            if pid_n == 0:
-                tl.store(cs_ptr + rm, bound / QMAX, mask=rm < M)
+            # the first column tile stores the row scales (a mask rather than an `if`: Triton 3.6 cannot flatten
+            # a persistent tile loop around a nested if)
+            tl.store(cs_ptr + rm, bound / QMAX, mask=rm < tl.where(pid_n == 0, M, 0))
         else:          # one scale per (row, 128 columns)
             G: tl.constexpr = BLOCK_N // 128
             if OUT_GELU_GRID:   # GELU >= -GELU_FLOOR: the whole int8 range over [-GELU_FLOOR, max]
@@ -152,7 +186,7 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
         tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool) -> dict:
+def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool, residual: bool = False) -> dict:
     """Tile shapes measured best on an H100 (benchmarks/notes-linear.md)."""
     if M <= 1024:  # the 512 text tokens of cross-attention k / v
         if a_grouped or b_blocked:
@@ -162,6 +196,11 @@ def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool) -> 
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    if K <= 2048 and not residual and PERSISTENT_GEMMS:
+        # a short K loop (1.3B): persistent programs hide the next tile's pipeline fill behind this tile's
+        # epilogue, 8-14% faster; with a residual tile to read the flattened loop spills, and at K = 8960 it is
+        # slower (benchmarks/persistent_ab.py)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=True)
     # wider row groups where a side is narrow (1.3B: K or N = 1536): 1-5% faster there, 6-11% slower at 5120
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=16 if min(N, K) <= 2048 else 8, num_warps=8,
                 num_stages=3)
@@ -202,7 +241,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         raise ValueError(f"inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
     a_grouped = _scale_kind(a_scale, M, K, "activation", M)
     b_blocked = _scale_kind(b_scale, N, K, "weight", triton.cdiv(N, TILE))
-    cfg = {"FAST_GELU": True, **(config or default_config(M, N, K, a_grouped, b_blocked))}
+    cfg = {"FAST_GELU": True, **(config or default_config(M, N, K, a_grouped, b_blocked, residual is not None))}
     if (a_grouped or b_blocked) and cfg["BLOCK_K"] != TILE:
         raise ValueError(f"grouped scales need BLOCK_K == {TILE}")
     if out is not None:
@@ -230,7 +269,6 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     cs = torch.empty(cs_shape, dtype=torch.float32, device=a.device) if out else c
     coef, bias_amax = out_bound if out_bound is not None else (0.0, 0.0)
     if M and N:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         args = dict(a_ptr=a, b_ptr=b, c_ptr=c, as_ptr=a_scale, bs_ptr=b_scale,
                     bias_ptr=bias if bias is not None else a_scale, cs_ptr=cs,
                     res_ptr=residual if residual is not None else c, gate_ptr=gate if gate is not None else a_scale,
@@ -241,20 +279,53 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
                     rows_per_gate=M // gate.shape[0] if gate is not None else M,
                     bound_coef=float(coef), bound_bias=float(bias_amax))
         launch_options = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
+        programs = cfg.pop("PROGRAMS", None)
+        persistent = cfg.pop("PERSISTENT", False) and not (a_grouped or b_blocked) and _has_tma(a) and _has_tma(b)
         constexprs = dict(FP8_IN=a.dtype == torch.float8_e4m3fn, A_GROUPED=a_grouped, B_BLOCKED=b_blocked,
                           HAS_BIAS=bias is not None, GELU=gelu, OUT_Q=out is not None, FP8_OUT=out == "fp8",
                           ROW_BOUND=out_bound is not None, RESIDUAL=residual is not None, GATED=gate is not None,
                           ONE_SAMPLE=gate is not None and gate.shape[0] == 1, A_GELU_GRID=a_gelu_grid,
                           OUT_GELU_GRID=gelu_grid, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
-        if not (integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA and _launch_pipelined(
-                grid, args, constexprs, launch_options)):
-            _gemm8_kernel[grid](**args, **constexprs, **launch_options)
+        pipelined = integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA
+        # persistent int8 needs its products pipelined (kernels/int_mma.py): if they cannot be, one tile per
+        # program is the faster form
+        forms = (True, False) if persistent and not (integer_accumulator and a.is_cuda and not pipelined) else (False,)
+        for form in forms:
+            grid, extra = _launch_form(a, b, cfg, form, programs)
+            kw = {**constexprs, "PERSISTENT": form}
+            if pipelined and _launch_pipelined(grid, {**args, **extra}, kw, launch_options):
+                break
+            if not (pipelined and form):
+                _gemm8_kernel[grid](**args, **extra, **kw, **launch_options)
+                break
     return (c, cs) if out else c
 
 
-# Keep int8 products in flight on Hopper (kernels/int_mma.py); a switch for same-run comparisons.
+# Switches for same-run comparisons: keep int8 products in flight on Hopper (kernels/int_mma.py); persistent
+# programs for short K loops (default_config).
 PIPELINE_INT8_MMA = True
+PERSISTENT_GEMMS = True
+
+
+def _has_tma(a: torch.Tensor) -> bool:
+    """TMA loads: Hopper and later, or the interpreter (CPU tests); K rows 16-byte aligned."""
+    if a.shape[1] % 16 or a.data_ptr() % 16:
+        return False
+    return not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] >= 9
+
+
+def _launch_form(a, b, cfg: dict, persistent: bool, programs: int | None) -> tuple[tuple, dict]:
+    """(grid, the arguments that differ): one program per tile, or one per SM walking the tiles with TMA loads."""
+    tiles = triton.cdiv(a.shape[0], cfg["BLOCK_M"]) * triton.cdiv(b.shape[0], cfg["BLOCK_N"])
+    if not persistent:
+        return (tiles,), dict(programs=tiles, a_desc=None, b_desc=None)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+    programs = min(programs, tiles)
+    return (programs,), dict(programs=programs,
+                             a_desc=TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                             b_desc=TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
 
 
 def _launch_pipelined(grid, args, constexprs, launch_options) -> bool:
