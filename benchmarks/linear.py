@@ -48,14 +48,17 @@ MODELS = {  # name: (dim, ffn_dim, tokens)
 TEXT = 512
 
 
-def C(bm, bn, bk, w, s, g=8, fast_gelu=True):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, FAST_GELU=fast_gelu)
+def C(bm, bn, bk, w, s, g=8, fast_gelu=True, persistent=False):
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, FAST_GELU=fast_gelu)
+    return {**cfg, "PERSISTENT": True} if persistent else cfg
 
 
 # tile configurations tried by --sweep (every one compiles without spills for sm_90: benchmarks/aot_linear.py)
 CANDIDATES = {
     "coarse": [C(128, 256, 128, 8, 3), C(128, 256, 128, 8, 3, g=16), C(128, 256, 128, 8, 4), C(256, 128, 128, 8, 3),
-               C(128, 128, 128, 4, 3), C(128, 128, 128, 4, 2)],      # the last two: 2 CTAs per SM fit
+               C(128, 128, 128, 4, 3), C(128, 128, 128, 4, 2),       # these two: 2 CTAs per SM fit
+               C(128, 256, 128, 8, 3, persistent=True), C(128, 256, 128, 8, 3, g=16, persistent=True),
+               C(128, 256, 128, 8, 4, persistent=True), C(256, 128, 128, 8, 3, persistent=True)],
     "per_k": [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 3), C(64, 128, 128, 4, 3)],
 }
 # epilogue variants compared on the best tile of each GEMM with a GELU epilogue
@@ -73,6 +76,9 @@ def deq(pair):
     return q.float() * (s.repeat_interleave(128, -1)[..., : q.shape[-1]] if s.dim() == q.dim() else s[..., None])
 
 
+GRAPHS = False   # --graphs: time replays of a CUDA graph of each pipeline (no Python between kernels)
+
+
 def bench(fn, smoke=False) -> float:
     """Median ms over at least ~30 calls (or 150 ms of calls), after warm-up; CUDA events."""
     if smoke:
@@ -81,6 +87,11 @@ def bench(fn, smoke=False) -> float:
     import triton.testing
 
     fn()
+    if GRAPHS:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        fn = graph.replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -524,9 +535,11 @@ def main():
     ap.add_argument("--modules", action="store_true", help="time the nn.Module path (default configs) too")
     ap.add_argument("--sweep-kinds", default="", help="comma list of int8-td,int8-pc,fp8 (default: all)")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: tiny shapes, checks only")
+    ap.add_argument("--graphs", action="store_true", help="time each pipeline as CUDA-graph replays")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
+    globals()["GRAPHS"] = args.graphs
     if args.smoke:
         MODELS.clear()
         MODELS.update({"smoke": (256, 384, 200)})
@@ -565,6 +578,12 @@ def main():
             del layers
         results["models"][name] = run_model(name, device, configs, args.smoke, log, args.modules)
         log(f"[{time.time() - t0:.0f} s]")
+    from turbo_kernels import int_mma
+
+    refused = sorted({str(v) for v in int_mma._compiled.values() if isinstance(v, int_mma.NotPipelinable)})
+    log(f"int8 kernels the pipelining edit refused (these ran one product at a time): {len(refused)}")
+    for why in refused:
+        log(f"  {why[:300]}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "linear_bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
