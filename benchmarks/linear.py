@@ -346,7 +346,7 @@ def check_pipelined_int8(device):
         (xq, xs), (wq, ws) = quantize_rows(x, "int8"), quantize_rows_ref(w, "int8")
         for kw in ({}, {"gelu": True, "out": "int8"}):
             y = gemm8(xq, xs, wq, ws, b, **kw)
-            y_plain = switched_off("PIPELINE_INT8_MMA", lambda: gemm8(xq, xs, wq, ws, b, **kw))()
+            y_plain = with_switch("PIPELINE_INT8_MMA", False, lambda: gemm8(xq, xs, wq, ws, b, **kw))()
             y_ref = gemm8_ref(xq, xs, wq, ws, b, **kw)
             tag = f"gemm int8 pipelined {M}x{K}->{N}{' gelu->int8' if kw else ''}"
             res[f"{tag} == plain launch"] = float(all(torch.equal(p, q) for p, q in zip(
@@ -357,7 +357,7 @@ def check_pipelined_int8(device):
             if kw:
                 kw = dict(gelu=True, out="fp8", out_bound=output_bound(wf, wfs, b, "fp8"))
             y = gemm8(xf, xfs, wf, wfs, b, **kw)
-            y_tiled = switched_off("PERSISTENT_GEMMS", lambda: gemm8(xf, xfs, wf, wfs, b, **kw))()
+            y_tiled = with_switch("PERSISTENT_MAX_K", 0, lambda: gemm8(xf, xfs, wf, wfs, b, **kw))()
             res[f"gemm fp8 {M}x{K}->{N}{' gelu->fp8' if kw else ''} == one tile per program"] = float(all(
                 torch.equal(p.view(torch.uint8), q.view(torch.uint8)) if p.dtype == torch.float8_e4m3fn
                 else torch.equal(p, q) for p, q in zip(y if kw else [y], y_tiled if kw else [y_tiled])))
@@ -459,18 +459,19 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
     return best
 
 
-def switched_off(switch: str, fn):
-    """`fn` run with one of turbo_kernels.gemm8's switches off (PIPELINE_INT8_MMA: int8 GEMMs as Triton compiles
-    them, one product at a time; PERSISTENT_GEMMS: every GEMM one tile per program, the default tiles before the
-    persistent form): the same-run baselines of those changes."""
+def with_switch(switch: str, value, fn):
+    """`fn` run with one of turbo_kernels.gemm8's switches set (PIPELINE_INT8_MMA False: int8 GEMMs as Triton
+    compiles them, one product at a time; PERSISTENT_MAX_K: the longest K loop given persistent programs, 0 for
+    none): the same-run baselines of those changes."""
     from turbo_kernels import gemm8 as gemm8_module
 
     def run():
-        setattr(gemm8_module, switch, False)
+        before = getattr(gemm8_module, switch)
+        setattr(gemm8_module, switch, value)
         try:
             return fn()
         finally:
-            setattr(gemm8_module, switch, True)
+            setattr(gemm8_module, switch, before)
     return run
 
 
@@ -486,9 +487,13 @@ def run_model(name, device, configs, smoke, log, modules=False):
         "bf16-norms": lambda: pl.bf16(gelu=True, norms=True),
         "int8-td": lambda: pl.ours("int8-td"), "int8-td fused": lambda: pl.ours("int8-td", norms=True),
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
-        "int8-pc unpipelined": switched_off("PIPELINE_INT8_MMA", lambda: pl.ours("int8-pc")),
-        "int8-pc fused, tile/program": switched_off("PERSISTENT_GEMMS", lambda: pl.ours("int8-pc", norms=True)),
-        "fp8 fused, tile/program": switched_off("PERSISTENT_GEMMS", lambda: pl.ours("fp8", norms=True)),
+        "int8-pc unpipelined": with_switch("PIPELINE_INT8_MMA", False, lambda: pl.ours("int8-pc")),
+        "int8-pc fused, tile/program": with_switch("PERSISTENT_MAX_K", 0, lambda: pl.ours("int8-pc", norms=True)),
+        "fp8 fused, tile/program": with_switch("PERSISTENT_MAX_K", 0, lambda: pl.ours("fp8", norms=True)),
+        "int8-pc fused, persistent at every K": with_switch("PERSISTENT_MAX_K", 1 << 30,
+                                                            lambda: pl.ours("int8-pc", norms=True)),
+        "fp8 fused, persistent at every K": with_switch("PERSISTENT_MAX_K", 1 << 30,
+                                                        lambda: pl.ours("fp8", norms=True)),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
@@ -498,7 +503,9 @@ def run_model(name, device, configs, smoke, log, modules=False):
 
         runs = {k: v for k, v in runs.items()
                 if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused",
-                                                 "int8-pc fused, tile/program", "fp8 fused, tile/program")}
+                                                 "int8-pc fused, tile/program", "fp8 fused, tile/program",
+                                                 "int8-pc fused, persistent at every K",
+                                                 "fp8 fused, persistent at every K")}
         runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
         runs["Int8Linear modules, per channel"] = ModulePipeline(pl, Int8Linear, channel_scales=True)
         runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)

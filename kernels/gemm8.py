@@ -87,7 +87,7 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
             _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
                       M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
                       bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
-                      ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N)
+                      ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N, RESIDUAL)
     else:
         pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +119,7 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
         _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
                   M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
                   bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
-                  ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N)
+                  ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N, False)
 
 
 @triton.jit
@@ -128,9 +128,35 @@ def _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_pt
               A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
               OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr, ROW_BOUND: tl.constexpr, RESIDUAL: tl.constexpr,
               GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr, A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr,
-              FAST_GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+              FAST_GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr):
+    # HALVES: the tile's two column halves one after the other (fewer registers live: a persistent kernel's
+    # residual update spills otherwise)
+    if HALVES:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        for half in tl.static_range(2):
+            _epilogue_part(left if half == 0 else right, pid_m * BLOCK_M, pid_n * BLOCK_N + half * (BLOCK_N // 2),
+                           c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr, M, N, stride_cm,
+                           stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef, bound_bias,
+                           A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
+                           ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N // 2)
+    else:
+        _epilogue_part(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr,
+                       gate_ptr, colsum_ptr, M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm,
+                       rows_per_gate, bound_coef, bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT,
+                       ROW_BOUND, RESIDUAL, GATED, ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M,
+                       BLOCK_N)
+
+
+@triton.jit
+def _epilogue_part(acc, m0, n0, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
+                   M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
+                   bound_bias, A_GROUPED: tl.constexpr, B_BLOCKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GELU: tl.constexpr, OUT_Q: tl.constexpr, FP8_OUT: tl.constexpr, ROW_BOUND: tl.constexpr,
+                   RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr, A_GELU_GRID: tl.constexpr,
+                   OUT_GELU_GRID: tl.constexpr, FAST_GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] block of the output from row m0, column n0."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
     am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     y = acc.to(tl.float32)
@@ -163,7 +189,7 @@ def _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_pt
             tl.store(c_ptrs, quantize_values(y, (QMAX / bound)[:, None], FP8_OUT), mask=mask)
             # the first column tile stores the row scales (a mask rather than an `if`: Triton 3.6 cannot flatten
             # a persistent tile loop around a nested if)
-            tl.store(cs_ptr + rm, bound / QMAX, mask=rm < tl.where(pid_n == 0, M, 0))
+            tl.store(cs_ptr + rm, bound / QMAX, mask=rm < tl.where(n0 == 0, M, 0))
         else:          # one scale per (row, 128 columns)
             G: tl.constexpr = BLOCK_N // 128
             if OUT_GELU_GRID:   # GELU >= -GELU_FLOOR: the whole int8 range over [-GELU_FLOOR, max]
@@ -179,14 +205,14 @@ def _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_pt
                 q = quantize_values(y3, (QMAX / amax)[:, :, None], FP8_OUT)
                 step = amax / QMAX
             tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)), mask=mask)
-            g = pid_n * G + tl.arange(0, G)
+            g = n0 // 128 + tl.arange(0, G)
             tl.store(cs_ptr + rm[:, None].to(tl.int64) * stride_csm + g[None, :], step,
                      mask=(rm[:, None] < M) & (g[None, :] < tl.cdiv(N, 128)))
     else:
         tl.store(c_ptrs, cast_rne(y, c_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool, residual: bool = False) -> dict:
+def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool, integer: bool = False) -> dict:
     """Tile shapes measured best on an H100 (benchmarks/notes-linear.md)."""
     if M <= 1024:  # the 512 text tokens of cross-attention k / v
         if a_grouped or b_blocked:
@@ -196,11 +222,11 @@ def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool, res
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
-    if K <= 2048 and not residual and PERSISTENT_GEMMS:
+    if K <= PERSISTENT_MAX_K:
         # a short K loop (1.3B): persistent programs hide the next tile's pipeline fill behind this tile's
-        # epilogue, 8-14% faster; with a residual tile to read the flattened loop spills, and at K = 8960 it is
-        # slower (benchmarks/persistent_ab.py)
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=True)
+        # epilogue (benchmarks/persistent_ab.py, linear.py --sweep: 5-14% faster at K = 1536)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4 if integer else 3,
+                    PERSISTENT=True)
     # wider row groups where a side is narrow (1.3B: K or N = 1536): 1-5% faster there, 6-11% slower at 5120
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=16 if min(N, K) <= 2048 else 8, num_warps=8,
                 num_stages=3)
@@ -241,7 +267,7 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         raise ValueError(f"inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
     a_grouped = _scale_kind(a_scale, M, K, "activation", M)
     b_blocked = _scale_kind(b_scale, N, K, "weight", triton.cdiv(N, TILE))
-    cfg = {"FAST_GELU": True, **(config or default_config(M, N, K, a_grouped, b_blocked, residual is not None))}
+    cfg = {"FAST_GELU": True, **(config or default_config(M, N, K, a_grouped, b_blocked, a.dtype == torch.int8))}
     if (a_grouped or b_blocked) and cfg["BLOCK_K"] != TILE:
         raise ValueError(f"grouped scales need BLOCK_K == {TILE}")
     if out is not None:
@@ -303,9 +329,9 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
 
 
 # Switches for same-run comparisons: keep int8 products in flight on Hopper (kernels/int_mma.py); persistent
-# programs for short K loops (default_config).
+# programs for K loops up to this length (default_config; 0: none).
 PIPELINE_INT8_MMA = True
-PERSISTENT_GEMMS = True
+PERSISTENT_MAX_K = 2048
 
 
 def _has_tma(a: torch.Tensor) -> bool:

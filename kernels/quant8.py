@@ -153,33 +153,37 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int | None = None) -> tuple[
 
 @triton.jit
 def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride_q, stride_s, stride_out,
-                               GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+                               GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+                               CHUNK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     g = tl.arange(0, BLOCK_G)
     s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_s
     scales = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & (g[None, :] < G), other=0.0)
     row_scale = tl.maximum(tl.max(scales, axis=1), 1e-30)
-    cols = tl.arange(0, 128)
-    for k in range(0, G):
-        c = k * 128 + cols[None, :]
-        ok = row_ok[:, None] & (c < K)
-        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + c, mask=ok, other=0).to(tl.float32)
-        ratio = tl.load(s_ptr + rows.to(tl.int64) * stride_s + k, mask=row_ok, other=0.0) / row_scale
+    chunk = tl.arange(0, CHUNK)
+    cols = chunk[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    for k in range(0, G, CHUNK):   # CHUNK groups of 128 columns at a time
+        group_ok = row_ok[:, None] & (k + chunk[None, :] < G)
+        ratio = tl.load(s_rows + k + chunk[None, :], mask=group_ok, other=0.0) / row_scale[:, None]
+        c = k * 128 + cols
+        ok = group_ok[:, :, None] & (c < K)
+        q = tl.load(q_ptr + rows[:, None, None].to(tl.int64) * stride_q + c, mask=ok, other=0).to(tl.float32)
         if GRID:   # values s * (q + 128) - offset: the offset stays, the steps change
-            q = tl.minimum(round_half_even((q + 128.0) * ratio[:, None]) - 128.0, 127.0).to(tl.int8)
+            q = tl.minimum(round_half_even((q + 128.0) * ratio[:, :, None]) - 128.0, 127.0).to(tl.int8)
         else:
-            q = quantize_values(q, ratio[:, None], False)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + c, q, mask=ok)
+            q = quantize_values(q, ratio[:, :, None], False)
+        tl.store(out_ptr + rows[:, None, None].to(tl.int64) * stride_out + c, q, mask=ok)
     tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
 
 
-def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False
+def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False, chunk: int = 4
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values with one scale per (row, 128 columns) -> the same values re-rounded to one scale per row
     (the largest of the row's): (q_row [M, K], scale [M]). For a GEMM that then keeps one integer accumulator
     over all of K; costs one pass over the int8 values and a second rounding (at most half a step of the row
-    scale per value). `gelu_grid`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid)."""
+    scale per value). `gelu_grid`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid).
+    `chunk`: the groups of 128 columns a program handles per step (one at a time is latency-bound on an H100)."""
     M, K = q.shape
     G = group_scale.shape[1]
     if group_scale.shape != (M, triton.cdiv(K, TILE)):
@@ -191,7 +195,7 @@ def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bo
         block_m = 16
         _int8_to_row_scales_kernel[(triton.cdiv(M, block_m),)](
             q, group_scale, out, scale, M, K, G, q.stride(0), group_scale.stride(0), out.stride(0),
-            GRID=gelu_grid, BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), num_warps=4)
+            GRID=gelu_grid, BLOCK_M=block_m, BLOCK_G=triton.next_power_of_2(G), CHUNK=chunk, num_warps=4)
     return out, scale
 
 

@@ -26,18 +26,22 @@ def operands(fmt, seed, M=150, N=300, K=256):
 
 EPILOGUES = {
     "float32 out": ("int8", "fp8"), "gelu, int8 per (token, 128)": ("int8",), "gelu grid": ("int8",),
-    "gelu, fp8 per token from a bound": ("fp8",),
+    "gelu, fp8 per token from a bound": ("fp8",), "residual update (by column halves)": ("int8", "fp8"),
 }
 
 
 @pytest.mark.parametrize("fmt, epilogue", [(f, e) for e, fmts in EPILOGUES.items() for f in fmts])
 def test_persistent_form_equals_one_tile_per_program(fmt, epilogue):
     a, a_s, b, b_s, bias = operands(fmt, seed=len(epilogue))
+    g = torch.Generator().manual_seed(5)
+    residual = torch.randn(a.shape[0], b.shape[0], generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, b.shape[0], generator=g)
     kw = {"float32 out": dict(out_dtype=torch.float32),
           "gelu, int8 per (token, 128)": dict(gelu=True, out="int8"),
           "gelu grid": dict(gelu=True, out="int8", gelu_grid=True),
           "gelu, fp8 per token from a bound": dict(gelu=True, out="fp8",
-                                                   out_bound=output_bound(b, b_s, bias, "fp8"))}[epilogue]
+                                                   out_bound=output_bound(b, b_s, bias, "fp8")),
+          "residual update (by column halves)": dict(residual=residual, gate=gate)}[epilogue]
     walked = gemm8(a, a_s, b, b_s, bias, config=PERSISTENT, **kw)
     tiled = gemm8(a, a_s, b, b_s, bias, config=TILES, **kw)
     ref = gemm8_ref(a, a_s, b, b_s, bias, **kw)
@@ -52,9 +56,9 @@ def test_persistent_form_equals_one_tile_per_program(fmt, epilogue):
 
 
 def test_default_tiles_choose_the_persistent_form_for_short_k_loops_only():
-    assert default_config(32760, 1536, 1536, False, False).get("PERSISTENT")          # 1.3B q, k, v, ffn.0
-    assert default_config(32760, 8960, 1536, False, False).get("PERSISTENT")
-    assert not default_config(32760, 1536, 8960, False, False).get("PERSISTENT")    # ffn.2: slower there
-    assert not default_config(32760, 1536, 1536, False, False, residual=True).get("PERSISTENT")   # spills
-    assert not default_config(32760, 5120, 5120, False, False).get("PERSISTENT")
-    assert not default_config(512, 1536, 1536, False, False).get("PERSISTENT")
+    assert default_config(32760, 1536, 1536, False, False).get("PERSISTENT")          # 1.3B: all but ffn.2
+    assert default_config(32760, 8960, 1536, False, False, integer=True).get("PERSISTENT")
+    assert not default_config(32760, 1536, 8960, False, False).get("PERSISTENT")    # ffn.2
+    assert not default_config(32760, 5120, 5120, False, False).get("PERSISTENT")    # 14B
+    assert not default_config(512, 1536, 1536, False, False).get("PERSISTENT")      # text tokens
+    assert not default_config(32760, 1536, 1536, True, False).get("PERSISTENT")     # grouped scales

@@ -145,15 +145,15 @@ def test_channel_scales_keep_the_layer_within_the_error_bound(mode):
     assert torch.equal(layer.int8_weight, before)
 
 
-@pytest.mark.parametrize("M,K", [(37, 384), (5, 300), (64, 128)])
-def test_group_scales_to_row_scales(M, K):
+@pytest.mark.parametrize("M,K,chunk", [(37, 384, 4), (5, 300, 1), (64, 128, 4), (20, 1100, 4)])
+def test_group_scales_to_row_scales(M, K, chunk):
     from turbo_kernels.quant8 import int8_to_row_scales, int8_to_row_scales_ref
 
     g = torch.Generator().manual_seed(M + K)
     x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
     x[:, :128] *= 5                                   # groups of different ranges within a row
     q, s = quantize_rows_ref(x, "int8", 128)
-    q_row, s_row = int8_to_row_scales(q, s)
+    q_row, s_row = int8_to_row_scales(q, s, chunk=chunk)
     ref_q, ref_s = int8_to_row_scales_ref(q, s)
     assert torch.equal(q_row, ref_q) and torch.equal(s_row, ref_s)
     assert s_row.shape == (M,) and torch.allclose(s_row, s.amax(1))

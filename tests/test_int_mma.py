@@ -34,7 +34,7 @@ def args(M, N, K, operand, ffn0, persistent):
 
 def constexprs(M, N, K, fp8, ffn0):
     # ffn0: GELU into int8 on the GELU grid, as ffn.0 runs; otherwise ffn.2's residual update
-    cfg = default_config(M, N, K, False, False, residual=not ffn0)
+    cfg = default_config(M, N, K, False, False, integer=not fp8)
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     persistent = cfg.pop("PERSISTENT", False)
     return dict(FP8_IN=fp8, A_GROUPED=False, B_BLOCKED=False, HAS_BIAS=True, GELU=ffn0, OUT_Q=ffn0,
@@ -77,10 +77,11 @@ def _compile(cases):
 
 
 def test_int8_gemm_keeps_one_product_in_flight_and_only_the_waits_change():
-    # one tile per program (ffn.2 with its residual update, and a small M) and the persistent form (ffn.0)
+    # one tile per program (ffn.2 with its residual update, and a small M) and the persistent form (ffn.0, and
+    # a residual update at K = 1536)
     cases = _compile([(4096, 1536, 8960, False, 90, False), (300, 1536, 1536, False, 90, False),
-                      (4096, 8960, 1536, False, 90, True)])
-    assert [case["persistent"] for case in cases] == [False, False, True]
+                      (4096, 8960, 1536, False, 90, True), (4096, 1536, 1536, False, 90, False)])
+    assert [case["persistent"] for case in cases] == [False, False, True, True]
     for case in cases:
         assert case["plain_pendings_1"] == 0          # Triton's own choice for an int32 accumulator
         assert case["edited_pendings_1"] == 1         # the loop's wait now leaves one product pending
