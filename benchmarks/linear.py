@@ -357,7 +357,7 @@ def check_pipelined_int8(device):
             if kw:
                 kw = dict(gelu=True, out="fp8", out_bound=output_bound(wf, wfs, b, "fp8"))
             y = gemm8(xf, xfs, wf, wfs, b, **kw)
-            y_tiled = with_switch("PERSISTENT_MAX_K", 0, lambda: gemm8(xf, xfs, wf, wfs, b, **kw))()
+            y_tiled = with_switch("PERSISTENT_GEMMS", False, lambda: gemm8(xf, xfs, wf, wfs, b, **kw))()
             res[f"gemm fp8 {M}x{K}->{N}{' gelu->fp8' if kw else ''} == one tile per program"] = float(all(
                 torch.equal(p.view(torch.uint8), q.view(torch.uint8)) if p.dtype == torch.float8_e4m3fn
                 else torch.equal(p, q) for p, q in zip(y if kw else [y], y_tiled if kw else [y_tiled])))
@@ -461,8 +461,8 @@ def sweep(layers, M, Mt, smoke, log, kinds=()):
 
 def with_switch(switch: str, value, fn):
     """`fn` run with one of turbo_kernels.gemm8's switches set (PIPELINE_INT8_MMA False: int8 GEMMs as Triton
-    compiles them, one product at a time; PERSISTENT_MAX_K: the longest K loop given persistent programs, 0 for
-    none): the same-run baselines of those changes."""
+    compiles them, one product at a time; PERSISTENT_GEMMS False: every GEMM one tile per program): the
+    same-run baselines of those changes."""
     from turbo_kernels import gemm8 as gemm8_module
 
     def run():
@@ -488,12 +488,8 @@ def run_model(name, device, configs, smoke, log, modules=False):
         "int8-td": lambda: pl.ours("int8-td"), "int8-td fused": lambda: pl.ours("int8-td", norms=True),
         "int8-pc": lambda: pl.ours("int8-pc"), "int8-pc fused": lambda: pl.ours("int8-pc", norms=True),
         "int8-pc unpipelined": with_switch("PIPELINE_INT8_MMA", False, lambda: pl.ours("int8-pc")),
-        "int8-pc fused, tile/program": with_switch("PERSISTENT_MAX_K", 0, lambda: pl.ours("int8-pc", norms=True)),
-        "fp8 fused, tile/program": with_switch("PERSISTENT_MAX_K", 0, lambda: pl.ours("fp8", norms=True)),
-        "int8-pc fused, persistent at every K": with_switch("PERSISTENT_MAX_K", 1 << 30,
-                                                            lambda: pl.ours("int8-pc", norms=True)),
-        "fp8 fused, persistent at every K": with_switch("PERSISTENT_MAX_K", 1 << 30,
-                                                        lambda: pl.ours("fp8", norms=True)),
+        "int8-pc fused, tile/program": with_switch("PERSISTENT_GEMMS", False, lambda: pl.ours("int8-pc", norms=True)),
+        "fp8 fused, tile/program": with_switch("PERSISTENT_GEMMS", False, lambda: pl.ours("fp8", norms=True)),
         "fp8": lambda: pl.ours("fp8"), "fp8 fused": lambda: pl.ours("fp8", norms=True),
         "fp8-cublas": lambda: pl.cublas_fp8(), "fp8-cublas fused": lambda: pl.cublas_fp8(norms=True),
         "bf16+gelu again": lambda: pl.bf16(gelu=True),      # the baseline once more: the run's drift
@@ -503,9 +499,7 @@ def run_model(name, device, configs, smoke, log, modules=False):
 
         runs = {k: v for k, v in runs.items()
                 if k.startswith("bf16") or k in ("int8-td fused", "int8-pc fused", "int8-pc unpipelined", "fp8 fused",
-                                                 "int8-pc fused, tile/program", "fp8 fused, tile/program",
-                                                 "int8-pc fused, persistent at every K",
-                                                 "fp8 fused, persistent at every K")}
+                                                 "int8-pc fused, tile/program", "fp8 fused, tile/program")}
         runs["Int8Linear modules"] = ModulePipeline(pl, Int8Linear)
         runs["Int8Linear modules, per channel"] = ModulePipeline(pl, Int8Linear, channel_scales=True)
         runs["Fp8Linear modules"] = ModulePipeline(pl, Fp8Linear)
@@ -520,6 +514,14 @@ def run_model(name, device, configs, smoke, log, modules=False):
                 "Fp8Linear modules": "fp8"}.get(run, run.split()[0])
         err = errors(pl, kind, 64 if smoke else 2048)
         rows[run] = {"ms": t, "tflops": flops / (t * 1e-3) / 1e12 if t == t else None, "err": err}
+    # the int8 FFN's pass to one scale per token, alone, by how many 128-column groups a program step takes
+    q = torch.randint(-128, 128, (M, ffn), dtype=torch.int8, device=device)
+    s = torch.rand(M, ffn // 128, device=device) + 0.5
+    for chunk in (1, 4, 8):
+        t = bench(lambda: int8_to_row_scales(q, s, gelu_grid=True, chunk=chunk), smoke)
+        log(f"  int8 hidden -> one scale per token, {chunk} group(s) per step: {t:.3f} ms "
+            f"({2 * q.numel() / (t * 1e-3) / 1e12:.2f} TB/s)")
+    del q, s
     base, base_g, base_n = rows["bf16"]["ms"], rows["bf16+gelu"]["ms"], rows.get("bf16-norms", {}).get("ms")
     log(f"\n{name}: dim {dim}, ffn {ffn}, M {M} (+{TEXT} text tokens); {flops / 1e12:.2f} TFLOP per block")
     log(f"  {'pipeline':32s} {'ms':>8s} {'TFLOPS':>7s} {'x bf16':>7s} {'x same-scope bf16':>18s}"

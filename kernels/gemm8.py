@@ -222,9 +222,9 @@ def default_config(M: int, N: int, K: int, a_grouped: bool, b_blocked: bool, int
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if a_grouped or b_blocked:  # float32 accumulator + the step's product in registers: 128x128 per 8 warps
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
-    if K <= PERSISTENT_MAX_K:
-        # a short K loop (1.3B): persistent programs hide the next tile's pipeline fill behind this tile's
-        # epilogue (benchmarks/persistent_ab.py, linear.py --sweep: 5-14% faster at K = 1536)
+    if PERSISTENT_GEMMS:
+        # persistent programs hide the next tile's pipeline fill behind this tile's epilogue: 1.3B block 1.35x ->
+        # 1.51x bf16 (int8), 1.53x -> 1.61x (FP8); 14B 1.59x -> 1.76x / 1.64x -> 1.67x (benchmarks/BENCHMARKS.md)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4 if integer else 3,
                     PERSISTENT=True)
     # wider row groups where a side is narrow (1.3B: K or N = 1536): 1-5% faster there, 6-11% slower at 5120
@@ -329,9 +329,9 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
 
 
 # Switches for same-run comparisons: keep int8 products in flight on Hopper (kernels/int_mma.py); persistent
-# programs for K loops up to this length (default_config; 0: none).
+# programs (default_config).
 PIPELINE_INT8_MMA = True
-PERSISTENT_MAX_K = 2048
+PERSISTENT_GEMMS = True
 
 
 def _has_tma(a: torch.Tensor) -> bool:

@@ -177,13 +177,14 @@ def _int8_to_row_scales_kernel(q_ptr, s_ptr, out_ptr, out_s_ptr, M, K, G, stride
     tl.store(out_s_ptr + rows, row_scale, mask=row_ok)
 
 
-def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False, chunk: int = 4
+def int8_to_row_scales(q: torch.Tensor, group_scale: torch.Tensor, gelu_grid: bool = False, chunk: int = 8
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values with one scale per (row, 128 columns) -> the same values re-rounded to one scale per row
     (the largest of the row's): (q_row [M, K], scale [M]). For a GEMM that then keeps one integer accumulator
     over all of K; costs one pass over the int8 values and a second rounding (at most half a step of the row
     scale per value). `gelu_grid`: the values are s * (q + 128) - offset (turbo_kernels.gemm8's GELU grid).
-    `chunk`: the groups of 128 columns a program handles per step (one at a time is latency-bound on an H100)."""
+    `chunk`: the groups of 128 columns a program handles per step (on an H100 at 1.3B: 1 group 0.300 ms, 4
+    0.282 ms, 8 0.254 ms)."""
     M, K = q.shape
     G = group_scale.shape[1]
     if group_scale.shape != (M, triton.cdiv(K, TILE)):

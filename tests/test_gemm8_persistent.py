@@ -55,10 +55,9 @@ def test_persistent_form_equals_one_tile_per_program(fmt, epilogue):
         assert rel(walked, ref) <= 1e-6
 
 
-def test_default_tiles_choose_the_persistent_form_for_short_k_loops_only():
-    assert default_config(32760, 1536, 1536, False, False).get("PERSISTENT")          # 1.3B: all but ffn.2
-    assert default_config(32760, 8960, 1536, False, False, integer=True).get("PERSISTENT")
-    assert not default_config(32760, 1536, 8960, False, False).get("PERSISTENT")    # ffn.2
-    assert not default_config(32760, 5120, 5120, False, False).get("PERSISTENT")    # 14B
+def test_default_tiles_choose_the_persistent_form_for_video_tokens_with_coarse_scales():
+    for N, K in ((1536, 1536), (8960, 1536), (1536, 8960), (5120, 5120), (5120, 13824)):
+        assert default_config(32760, N, K, False, False).get("PERSISTENT")
     assert not default_config(512, 1536, 1536, False, False).get("PERSISTENT")      # text tokens
     assert not default_config(32760, 1536, 1536, True, False).get("PERSISTENT")     # grouped scales
+    assert not default_config(32760, 1536, 1536, False, True).get("PERSISTENT")
