@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
-                     quantize_rows_ref, quantize_tiles_ref, quantize_values, round_half_even, round_to_format)
+                     quantize_rows_ref, quantize_tiles_ref, quantize_values, rne_int, round_to_format)
 
 GELU_C = 0.7978845608028654     # sqrt(2 / pi)
 # GELU (tanh form) never goes below -0.16997: int8 GELU outputs are stored on a grid from -GELU_FLOOR upwards,
@@ -196,7 +196,7 @@ def _epilogue_part(acc, m0, n0, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
                 y = tl.where(rn[None, :] < N, tl.maximum(y + GELU_FLOOR, 0.0), 0.0)
                 y3 = tl.reshape(y, (BLOCK_M, G, 128))
                 amax = tl.maximum(tl.max(y3, axis=2), 1e-8)
-                q = tl.minimum(round_half_even(y3 * (255.0 / amax)[:, :, None]) - 128.0, 127.0).to(tl.int8)
+                q = tl.minimum(rne_int(y3 * (255.0 / amax)[:, :, None]) - 128, 127).to(tl.int8)
                 step = amax / 255.0
             else:
                 y = tl.where(rn[None, :] < N, y, 0.0)

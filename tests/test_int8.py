@@ -36,6 +36,16 @@ def test_quantize_rows_matches_reference(group):
     assert ((deq - x.float()).abs() <= step * (0.5 + 1e-5)).all()   # within half a step everywhere
 
 
+def test_int8_rounding_is_half_to_even_on_exact_ties():
+    """The kernels round with an add of 1.5 * 2**23 instead of the GPU's conversions: ties go to the even
+    integer, as torch.round does, on both signs and at the ends of the range."""
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -126.5, -124.5, 3.49999, -3.50001])
+    x = torch.cat([torch.tensor([127.0]), ties]).repeat(2, 1)          # amax 127: the scale is exactly 1
+    q, s = quantize_rows(x, "int8")
+    assert torch.equal(s, torch.ones(2))
+    assert q[0, 1:].tolist() == torch.round(ties).tolist() == [0, 2, 2, 0, -2, -2, 126, 126, -126, -124, 3, -4]
+
+
 def test_tile_quantisation_matches_turbodiffusion(fixtures_dir):
     io = load_file(fixtures_dir / "quant_linear_gpu.safetensors")
     q, s = quantize_tiles_ref(io["weight"])
