@@ -17,6 +17,11 @@ FFN, the next GEMM's 8-bit input with no extra pass over memory: one scale per (
 one per token taken from a bound on the row's values known before the GEMM (`output_bound`), which keeps the next
 GEMM on a single accumulator.
 
+On the video tokens with coarse scales the kernel runs persistent: one program per SM walks the output tiles,
+loading with TMA, its tile loop flattened into the K loop so that the next tile's first loads are in flight while
+this tile's epilogue runs (int8 keeps its products pipelined there too, kernels/int_mma.py). Elsewhere one program
+computes one tile.
+
 `gemm8` is the launcher, `gemm8_ref` the plain-torch reference of the same function, and
 `int8_linear_tiles_ref` TurboDiffusion's int8 linear exactly (128x128 activation tiles).
 """
@@ -314,17 +319,20 @@ def gemm8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
                           OUT_GELU_GRID=gelu_grid, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
         integer_accumulator = a.dtype == torch.int8 and not (a_grouped or b_blocked)
         pipelined = integer_accumulator and a.is_cuda and PIPELINE_INT8_MMA
-        # persistent int8 needs its products pipelined (kernels/int_mma.py): if they cannot be, one tile per
-        # program is the faster form
-        forms = (True, False) if persistent and not (integer_accumulator and a.is_cuda and not pipelined) else (False,)
-        for form in forms:
-            grid, extra = _launch_form(a, b, cfg, form, programs)
-            kw = {**constexprs, "PERSISTENT": form}
+
+        def launch(persistent: bool) -> bool:
+            grid, extra = _launch_form(a, b, cfg, persistent, programs)
+            kw = {**constexprs, "PERSISTENT": persistent}
             if pipelined and _launch_pipelined(grid, {**args, **extra}, kw, launch_options):
-                break
-            if not (pipelined and form):
-                _gemm8_kernel[grid](**args, **extra, **kw, **launch_options)
-                break
+                return True
+            if pipelined and persistent:   # int8 runs persistent only with its products pipelined
+                return False
+            _gemm8_kernel[grid](**args, **extra, **kw, **launch_options)
+            return True
+
+        unpipelined_int8 = integer_accumulator and a.is_cuda and not pipelined
+        if not (persistent and not unpipelined_int8 and launch(True)):
+            launch(False)
     return (c, cs) if out else c
 
 

@@ -8,9 +8,10 @@ The hardware has no such restriction (PTX only asks that the accumulator registe
 product is pending). `pipelined_int_mma` edits a compiled kernel's TTGIR the way Triton edits it for a float32
 accumulator: the wait inside the K loop leaves one product pending, and one wait after the loop collects the
 last. The loads that refill a shared-memory stage are already issued after that wait, so a stage is never
-overwritten while the pending product still reads it. `launch` compiles a kernel that way (once per
-specialisation) and launches it; anything it cannot handle raises `NotPipelinable`, and the caller falls back to
-the plain launch.
+overwritten while the pending product still reads it. In a persistent kernel, whose tile loop Triton flattens
+into the K loop, the epilogue sits inside that loop: it first waits for the pending product. `launch` compiles a
+kernel that way (once per specialisation) and launches it; anything it cannot handle raises `NotPipelinable`, and
+the caller falls back to the plain launch.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _is_int_acc(t: str) -> bool:
 
 
 def _pipeline_loop(lines: list[str], i: int) -> list[str]:
+    """`lines` with the loop opened at line i edited (one product in flight, collected after the loop)."""
     indent, result, types = _LOOP.match(lines[i]).groups()
     carried = _split_types(types)
     acc = [k for k, t in enumerate(carried) if _is_int_acc(t)]
