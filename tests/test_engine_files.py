@@ -1,6 +1,8 @@
 """The engine's checkpoint path: a model described in a user models file, loaded from a checkpoint folder in the
 reference formats, gives exactly the videos of the same weights built in."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -83,13 +85,15 @@ def test_missing_checkpoint_names_the_file_and_the_command(user_model, tmp_path)
         Engine("my-tiny", checkpoint_dir=folder)
 
 
-def test_broken_user_models_file_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text, says", [("models: [unclosed\n", "not valid YAML"),
+                                        ("- my-model\n", "must be a mapping")])
+def test_broken_user_models_file_is_one_clear_error(tmp_path, monkeypatch, text, says):
     bad = tmp_path / "models.yaml"
-    bad.write_text("models: [unclosed\n")
+    bad.write_text(text)
     monkeypatch.setenv("TURBO_REPL_MODELS", str(bad))
     registry.reload()
     try:
-        with pytest.raises(ValueError, match="not valid YAML"):
+        with pytest.raises(ValueError, match=f"{re.escape(str(bad))}.*{says}"):
             registry.get_model("tiny")
     finally:
         monkeypatch.delenv("TURBO_REPL_MODELS")

@@ -36,17 +36,26 @@ def config_path() -> Path:
     return config_dir() / "config.yaml"
 
 
+def read_user_yaml(path: Path, example: str) -> dict:
+    """A user's YAML file as a mapping ({} when empty), or one ConfigError that says which file and what is wrong
+    with it (`example`: where a good one is to be seen)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read {path}: not valid YAML ({str(e).splitlines()[0]}); fix or remove it") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of key: value (see {example})")
+    return data
+
+
 def load_config() -> dict:
     """The default config with the user's file laid over it; paths resolved."""
     config = yaml.safe_load(resources.files("turbo_repl.configs").joinpath("defaults.yaml").read_text())
     path = config_path()
     if path.exists():
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path} must be a mapping of key: value (see configs/defaults.yaml)")
+        user = read_user_yaml(path, "configs/defaults.yaml")
         unknown = set(user) - set(config)
         if unknown:
             raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(config)}")

@@ -72,10 +72,9 @@ def _raw() -> dict:
     raw = yaml.safe_load(resources.files("turbo_repl.configs").joinpath("models.yaml").read_text())
     user = user_models_file()
     if user.is_file():
-        try:
-            extra = yaml.safe_load(user.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{user} is not valid YAML ({e}); fix or remove it") from None
+        from turbo_repl.config import read_user_yaml
+
+        extra = read_user_yaml(user, "configs/models.yaml")
         for section in ("text_encoders", "vaes", "dits", "models"):
             raw[section].update(extra.get(section) or {})
     return raw
