@@ -92,8 +92,7 @@ def _gemm8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr
             _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_ptr, gate_ptr, colsum_ptr,
                       M, N, stride_cm, stride_asm, stride_bsn, stride_csm, stride_rm, rows_per_gate, bound_coef,
                       bound_bias, A_GROUPED, B_BLOCKED, HAS_BIAS, GELU, OUT_Q, FP8_OUT, ROW_BOUND, RESIDUAL, GATED,
-                      ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N,
-                      RESIDUAL or (OUT_GELU_GRID and BLOCK_N >= 256))
+                      ONE_SAMPLE, A_GELU_GRID, OUT_GELU_GRID, FAST_GELU, BLOCK_M, BLOCK_N, RESIDUAL)
     else:
         pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,7 +135,7 @@ def _epilogue(acc, pid_m, pid_n, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr, res_pt
               GATED: tl.constexpr, ONE_SAMPLE: tl.constexpr, A_GELU_GRID: tl.constexpr, OUT_GELU_GRID: tl.constexpr,
               FAST_GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr):
     # HALVES: the tile's two column halves one after the other (fewer registers live: in a persistent kernel the
-    # residual update and the int8 GELU output spill otherwise; an 8-bit output needs halves of 128 columns or more)
+    # residual update spills otherwise; the int8 GELU output's 32-byte spill cost less than halves did, run 11)
     if HALVES:
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         for half in tl.static_range(2):

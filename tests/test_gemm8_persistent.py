@@ -62,14 +62,3 @@ def test_default_tiles_choose_the_persistent_form_for_video_tokens_with_coarse_s
     assert not default_config(32760, 1536, 1536, True, False).get("PERSISTENT")     # grouped scales
     assert not default_config(32760, 1536, 1536, False, True).get("PERSISTENT")
 
-
-def test_int8_gelu_grid_by_column_halves_equals_one_tile_per_program():
-    """With 256-wide tiles a persistent kernel writes the int8 GELU output one 128-column half at a time."""
-    a, a_s, b, b_s, bias = operands("int8", seed=9, N=600)
-    wide = dict(TILES, BLOCK_N=256)
-    kw = dict(gelu=True, out="int8", gelu_grid=True)
-    walked = gemm8(a, a_s, b, b_s, bias, config=dict(wide, PERSISTENT=True, PROGRAMS=2), **kw)
-    tiled = gemm8(a, a_s, b, b_s, bias, config=wide, **kw)
-    assert torch.equal(walked[0], tiled[0]) and torch.equal(walked[1], tiled[1])
-    ref = gemm8_ref(a, a_s, b, b_s, bias, **kw)
-    assert (walked[0].int() - ref[0].int()).abs().max() <= 1 and rel(walked[1], ref[1]) <= 1e-6
