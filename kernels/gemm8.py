@@ -31,7 +31,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:   # Triton before 3.3: no host-side TMA descriptors; every GEMM runs one tile per program
+    TensorDescriptor = None
 
 from .quant8 import (_INTERPRETED, DTYPES, FORMATS, QMAX, TILE, cast_rne, check_format, expand_tiles,
                      quantize_rows_ref, quantize_tiles_ref, quantize_values, rne_int, round_to_format)
@@ -344,7 +348,7 @@ PERSISTENT_GEMMS = True
 
 def _has_tma(a: torch.Tensor) -> bool:
     """TMA loads: Hopper and later, or the interpreter (CPU tests); K rows 16-byte aligned."""
-    if a.shape[1] % 16 or a.data_ptr() % 16:
+    if TensorDescriptor is None or a.shape[1] % 16 or a.data_ptr() % 16:
         return False
     return not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] >= 9
 

@@ -24,7 +24,12 @@ from collections import namedtuple
 import torch
 import triton
 from triton.compiler import ASTSource
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    _DESCRIPTORS: tuple = (TensorDescriptor,)
+except ImportError:   # Triton before 3.3 (gemm8 then launches no persistent kernels)
+    _DESCRIPTORS = ()
 
 _POINTER_TYPES = {torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv", torch.bfloat16: "*bf16",
                   torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
@@ -124,7 +129,7 @@ _DESC_TYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 def _arg_type(value) -> str:
-    if isinstance(value, TensorDescriptor):
+    if isinstance(value, _DESCRIPTORS):
         if value.base.dtype not in _DESC_TYPES:
             raise NotPipelinable(f"no descriptor type for {value.base.dtype}")
         return f"tensordesc<{_DESC_TYPES[value.base.dtype]}{list(value.block_shape)}>"
