@@ -28,6 +28,8 @@ computes one tile.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -350,7 +352,14 @@ def _has_tma(a: torch.Tensor) -> bool:
     """TMA loads: Hopper and later, or the interpreter (CPU tests); K rows 16-byte aligned."""
     if TensorDescriptor is None or a.shape[1] % 16 or a.data_ptr() % 16:
         return False
-    return not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] >= 9
+    return not a.is_cuda or _device_facts(a.device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int | None) -> tuple[int, int]:
+    """(compute capability major, SM count) of a CUDA device, asked once rather than at every launch."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return props.major, props.multi_processor_count
 
 
 def _launch_form(a, b, cfg: dict, persistent: bool, programs: int | None) -> tuple[tuple, dict]:
@@ -359,7 +368,7 @@ def _launch_form(a, b, cfg: dict, persistent: bool, programs: int | None) -> tup
     if not persistent:
         return (tiles,), dict(programs=tiles, a_desc=None, b_desc=None)
     if programs is None:
-        programs = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+        programs = _device_facts(a.device.index)[1] if a.is_cuda else 4
     programs = min(programs, tiles)
     return (programs,), dict(programs=programs,
                              a_desc=TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),

@@ -27,15 +27,21 @@ EPS = 1e-12   # F.normalize's default
 
 
 @triton.jit
-def _rms_norm_silu_kernel(x_ptr, y_ptr, g_ptr, b_ptr, P, C, sxb, sxp, syb, syp, scale, eps,
-                          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _pixel_tile(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_P pixels x all channels: (batch, pixel rows [BLOCK_P, 1] as int64, channel columns,
+    which columns exist, which elements exist)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows < P)[:, None] & col_ok[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    return tl.program_id(1).to(tl.int64), rows.to(tl.int64)[:, None], cols, col_ok, ok
+
+
+@triton.jit
+def _rms_norm_silu_kernel(x_ptr, y_ptr, g_ptr, b_ptr, P, C, sxb, sxp, syb, syp, scale, eps,
+                          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    batch, r64, cols, col_ok, ok = _pixel_tile(P, C, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + batch * sxb + r64 * sxp + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = tl.where(ok, x + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :], 0.0)
@@ -49,12 +55,7 @@ def _rms_norm_silu_kernel(x_ptr, y_ptr, g_ptr, b_ptr, P, C, sxb, sxp, syb, syp, 
 @triton.jit
 def _add_bias_kernel(h_ptr, r_ptr, b_ptr, P, C, shb, shp, srb, srp,
                      HAS_RES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    batch = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    ok = (rows < P)[:, None] & col_ok[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    batch, r64, cols, col_ok, ok = _pixel_tile(P, C, BLOCK_P, BLOCK_C)
     h_at = h_ptr + batch * shb + r64 * shp + cols[None, :]
     h = tl.load(h_at, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_RES:
